@@ -1,0 +1,43 @@
+# The two commands a new machine needs: `make serve` (the server, on the built-in tiny model unless
+# MODEL=... is given) and `make test`. Everything else installs itself on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?=
+CONTROLNETS ?=
+LORAS ?=
+SERVE_ARGS ?=
+
+.PHONY: setup serve demo test bench tiny export perf-analyzer clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: on a CPU machine the local CPU wheel satisfies it, where an unpinned resolve would pull CUDA.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[server,bench,dev]'
+	touch $@
+
+serve: setup
+	$(PY) -m swiftdiffusion.serve $(if $(MODEL),--model $(MODEL)) $(if $(CONTROLNETS),--controlnets $(CONTROLNETS)) $(if $(LORAS),--loras $(LORAS)) $(SERVE_ARGS)
+
+demo: setup
+	$(PY) -m swiftdiffusion.demo
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+tiny: setup
+	$(PY) -m swiftdiffusion.tiny --size tiny --out models/tiny
+
+export: setup
+	$(PY) export/export_onnx.py --size tiny --out artifacts/tiny
+
+bench: setup
+	$(PY) perf/bench.py --out perf/results
+
+clean:
+	rm -rf models artifacts
