@@ -1,0 +1,1 @@
+"""swiftdiffusion: Stable Diffusion serving with ControlNets and LoRAs on Triton Inference Server."""

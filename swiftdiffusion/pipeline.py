@@ -1,0 +1,247 @@
+"""The text-to-image pipeline over engines: encode, denoise (ControlNets, LoRAs), decode.
+
+It follows diffusers' `StableDiffusionControlNetPipeline` step for step (same tokenisation, CFG batch order
+[unconditional, conditional], noise drawn from a CPU generator seeded per request, scheduler calls, residual
+scaling and summing), so the same weights, seed and scheduler give diffusers' image.
+
+What it does differently is where the time goes:
+- ControlNets are submitted before the UNet encoder runs and awaited only before the decoder, so a runner that
+  computes elsewhere (Triton BLS to other instances) overlaps them with the encoder.
+- LoRAs are merged into the weights in place, never wrapped. In `bounded` mode the request starts denoising at
+  once, the LoRAs load in the background and are patched in at the first step boundary where they are ready,
+  at step `deadline` at the latest (early steps set layout, LoRAs matter later). Text-encoder LoRA layers are
+  applied by re-encoding the prompt at that same boundary (encoding is one short call). `sync` mode patches
+  before encoding: diffusers' `load_lora_weights` + `fuse_lora` image exactly.
+- Weights stay patched after a request; the next request with the same LoRA set skips both restore and patch.
+
+Everything per request (timesteps, control images, scheduler kwargs) is prepared before the loop; the loop
+itself only runs engines and the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import math
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+from diffusers.utils.torch_utils import randn_tensor
+
+from .controlnets import ControlNetRunner
+from .lora_store import LoraSet, LoraStore, lora_key
+from .models import LoadedModel
+from .request import GenerationRequest, Limits, validate
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "pndm": PNDMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+
+StepCallback = Callable[[int, int, float], None]  # (steps done, total steps, seconds since the request began)
+
+
+def make_scheduler(name: str, base_config: dict):
+    return SCHEDULERS[name].from_config(base_config)
+
+
+@dataclasses.dataclass
+class DenoiseResult:
+    latents: torch.Tensor
+    # Step index before which the request's LoRAs were patched in; -1 without LoRAs.
+    lora_step: int = -1
+    lora_wait_s: float = 0.0
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    image: np.ndarray  # uint8 [height, width, 3]
+    lora_step: int = -1
+    lora_wait_s: float = 0.0
+
+
+class Pipeline:
+    """One loaded model serving requests one at a time (the Triton instance's execution model)."""
+
+    def __init__(self, model: LoadedModel, controlnets: ControlNetRunner | None = None,
+                 loras: LoraStore | None = None, limits: Limits = Limits(), lora_deadline_fraction: float = 0.2):
+        self.model = model
+        self.engines = model.engines
+        self.controlnets = controlnets
+        self.loras = loras
+        self.limits = limits
+        self.lora_deadline_fraction = lora_deadline_fraction
+        self.lock = threading.Lock()
+        self.applied_key: tuple | None = None  # LoRA set now merged into the weights
+        self.applied_text_lora = False
+        self.step_kwargs = {name: _step_parameters(cls) for name, cls in SCHEDULERS.items()}
+
+    # ---- request checks -------------------------------------------------------------------------------------
+    def check(self, request: GenerationRequest) -> None:
+        """RequestError for any invalid field, add-on names included, before any work starts."""
+        validate(request, self.limits)
+        if request.loras and self.loras is None:
+            raise ValueError("this pipeline has no LoRA catalog")
+        for control in request.controlnets:
+            if self.controlnets is None:
+                raise ValueError("this pipeline has no ControlNet catalog")
+            self.controlnets.check(control.name)
+
+    # ---- text ----------------------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        tokenizer = self.model.tokenizer
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return ids.to(self.model.device)
+
+    def encode(self, request: GenerationRequest) -> torch.Tensor:
+        """Prompt embeddings, [negative, positive] when guidance applies, with the text encoder as it is now."""
+        texts = [request.negative_prompt, request.prompt] if uses_guidance(request) else [request.prompt]
+        return self.engines["text_encoder"]({"input_ids": self.tokenize(texts)})["text_embeddings"]
+
+    # ---- denoising -----------------------------------------------------------------------------------------
+    async def denoise(self, request: GenerationRequest, embeddings: torch.Tensor | None = None,
+                      on_step: StepCallback | None = None, exact_lora_step: int | None = None) -> DenoiseResult:
+        """Runs the scheduler loop. `embeddings` come from an outside text encoder (None: encode here).
+
+        `exact_lora_step` patches the LoRAs exactly before that step (reference runs for tests).
+        """
+        begin = time.perf_counter()
+        model = self.model
+        guided = uses_guidance(request)
+        lora_job, lora_step = self._start_loras(request, exact_lora_step)
+        if lora_step == 0 and self.applied_text_lora:
+            embeddings = None  # the outside encoder ran without the text-encoder LoRA layers
+        if embeddings is None:
+            embeddings = self.encode(request)
+        deadline = min(self._deadline(request) if exact_lora_step is None else exact_lora_step, request.steps - 1)
+        wait_s = 0.0
+
+        scheduler = make_scheduler(request.scheduler, model.scheduler_config)
+        scheduler.set_timesteps(request.steps, device=model.device)
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        shape = (1, model.latent_channels, request.height // model.vae_scale_factor,
+                 request.width // model.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        step_kwargs = {"generator": generator, "eta": 0.0}
+        step_kwargs = {k: v for k, v in step_kwargs.items() if k in self.step_kwargs[request.scheduler]}
+        controls = [(c.name, self._control_image(c.image, guided), c.scale) for c in request.controlnets]
+        timesteps = scheduler.timesteps
+        engine_timesteps = timesteps.to(torch.float32).reshape(-1, 1)
+
+        for index, t in enumerate(timesteps):
+            if lora_job is not None and (index >= deadline or (exact_lora_step is None and lora_job.done())):
+                waited = time.perf_counter()
+                self._apply(await asyncio.wrap_future(lora_job))
+                wait_s = time.perf_counter() - waited
+                if self.applied_text_lora:
+                    embeddings = self.encode(request)
+                lora_job, lora_step = None, index
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise = await self._unet_step(model_input, engine_timesteps[index], embeddings, controls)
+            if guided:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + request.guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            if on_step is not None:
+                on_step(index + 1, len(timesteps), time.perf_counter() - begin)
+        return DenoiseResult(latents, lora_step, wait_s)
+
+    async def _unet_step(self, sample, timestep, embeddings, controls) -> torch.Tensor:
+        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeddings}
+        if not controls:
+            return self.engines["unet"](inputs)["noise_pred"]
+        pending = [(self.controlnets.submit(name, {**inputs, "controlnet_cond": image}), scale)
+                   for name, image, scale in controls]
+        hidden = self.engines["unet_encoder"](inputs)
+        names = self.engines["unet_decoder"].spec.inputs[1:-1]  # skips and mid, in order
+        residual_sum = None
+        for future, scale in pending:
+            residuals = await future
+            scaled = [residuals[name] * scale for name in names]
+            residual_sum = scaled if residual_sum is None else [a + b for a, b in zip(residual_sum, scaled)]
+        decoder_inputs = {name: hidden[name] + residual for name, residual in zip(names, residual_sum)}
+        decoder_inputs["emb"] = hidden["emb"]
+        decoder_inputs["encoder_hidden_states"] = embeddings
+        return self.engines["unet_decoder"](decoder_inputs)["noise_pred"]
+
+    def _start_loras(self, request: GenerationRequest, exact_lora_step: int | None):
+        """(pending load or None, step the LoRAs were applied at: 0 when already in place, else -1)."""
+        if not request.loras:
+            self._apply(None)
+            return None, -1
+        if lora_key(request.loras) == self.applied_key and exact_lora_step is None:
+            return None, 0
+        self._apply(None)
+        if request.lora_mode == "sync" and exact_lora_step is None:
+            self._apply(self.loras.load(request.loras))
+            return None, 0
+        return self.loras.load_async(request.loras), -1
+
+    def _deadline(self, request: GenerationRequest) -> int:
+        if request.lora_deadline is not None:
+            return request.lora_deadline
+        return math.ceil(self.lora_deadline_fraction * request.steps)
+
+    def _apply(self, lora_set: LoraSet | None) -> None:
+        """Patches (or, with None, restores) every engine whose weights LoRAs touch."""
+        self.applied_key, self.applied_text_lora = None, False
+        for name in ("unet", "unet_encoder", "unet_decoder"):
+            if lora_set is None:
+                self.engines[name].restore()
+            else:
+                self.engines[name].patch(lora_set.unet)
+        if lora_set is None:
+            self.engines["text_encoder"].restore()
+        else:
+            self.engines["text_encoder"].patch(lora_set.text_encoder)
+            self.applied_key, self.applied_text_lora = lora_set.key, bool(lora_set.text_encoder.layers)
+
+    def _control_image(self, image: np.ndarray, guided: bool) -> torch.Tensor:
+        # As diffusers' control image processor: float32 in [0, 1], NCHW, then the engine's dtype.
+        tensor = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+        tensor = tensor.to(self.model.device, self.model.dtype)
+        return torch.cat([tensor] * 2) if guided else tensor
+
+    # ---- decoding ------------------------------------------------------------------------------------------
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        image = self.engines["vae_decoder"]({"latent": latents})["image"]
+        return to_uint8(image)[0]
+
+    # ---- all together --------------------------------------------------------------------------------------
+    async def generate_async(self, request: GenerationRequest, on_step: StepCallback | None = None,
+                             exact_lora_step: int | None = None) -> GenerationResult:
+        self.check(request)
+        result = await self.denoise(request, None, on_step, exact_lora_step)
+        return GenerationResult(self.decode(result.latents), result.lora_step, result.lora_wait_s)
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None,
+                 exact_lora_step: int | None = None) -> GenerationResult:
+        with self.lock:
+            return asyncio.run(self.generate_async(request, on_step, exact_lora_step))
+
+
+def uses_guidance(request: GenerationRequest) -> bool:
+    return request.guidance_scale > 1.0
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW images to uint8 NHWC, rounded as diffusers' `numpy_to_pil`."""
+    images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return (images * 255).round().astype(np.uint8)
+
+
+def _step_parameters(scheduler_class) -> set[str]:
+    return set(inspect.signature(scheduler_class.step).parameters)

@@ -1,0 +1,117 @@
+"""One text-to-image request, its limits and its validation.
+
+Every entry point (in-process pipeline, Triton models, client) builds a `GenerationRequest` and calls
+`validate`, so a bad field gets the same `RequestError` (naming the field) everywhere; the Triton adapters turn
+it into INVALID_ARG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+SCHEDULER_NAMES = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc")
+LORA_MODES = ("bounded", "sync")
+# Catalog names: one plain path component, so that a name can never reach outside its catalog folder.
+CATALOG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+
+
+class RequestError(ValueError):
+    """A request field is invalid; `field` names it for the client."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_steps: int = 150
+    max_size: int = 1024
+    min_size: int = 64
+    max_guidance: float = 30.0
+    max_addon_scale: float = 4.0
+    max_loras: int = 4
+    max_controlnets: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraUse:
+    name: str
+    scale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetUse:
+    name: str
+    image: np.ndarray  # uint8 [height, width, 3]
+    scale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    scheduler: str = "ddim"
+    loras: tuple[LoraUse, ...] = ()
+    controlnets: tuple[ControlNetUse, ...] = ()
+    lora_mode: str = "bounded"
+    # Last step before which the LoRAs must be patched in `bounded` mode; None: the configured default.
+    lora_deadline: int | None = None
+
+
+def check_catalog_name(field: str, name: str) -> None:
+    if not CATALOG_NAME.fullmatch(name) or ".." in name:
+        raise RequestError(field, f"{name!r} is not a catalog name (letters, digits, '_', '-', '.'; no paths)")
+
+
+def _check_range(field: str, value: float, low: float, high: float) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise RequestError(field, f"{value} is outside [{low}, {high}]")
+
+
+def validate(request: GenerationRequest, limits: Limits) -> None:
+    """Raises RequestError for the first invalid field."""
+    _check_range("steps", request.steps, 1, limits.max_steps)
+    for field in ("height", "width"):
+        size = getattr(request, field)
+        _check_range(field, size, limits.min_size, limits.max_size)
+        if size % 8:
+            raise RequestError(field, f"{size} is not a multiple of 8")
+    _check_range("guidance_scale", request.guidance_scale, 0.0, limits.max_guidance)
+    if request.scheduler not in SCHEDULER_NAMES:
+        raise RequestError("scheduler", f"unknown scheduler {request.scheduler!r}; one of {', '.join(SCHEDULER_NAMES)}")
+    if request.lora_mode not in LORA_MODES:
+        raise RequestError("lora_mode", f"unknown mode {request.lora_mode!r}; one of {', '.join(LORA_MODES)}")
+    if request.lora_deadline is not None:
+        _check_range("lora_deadline", request.lora_deadline, 0, request.steps)
+    _validate_addons(request, limits)
+
+
+def _validate_addons(request: GenerationRequest, limits: Limits) -> None:
+    if len(request.loras) > limits.max_loras:
+        raise RequestError("lora_names", f"{len(request.loras)} LoRAs, at most {limits.max_loras}")
+    if len({lora.name for lora in request.loras}) != len(request.loras):
+        raise RequestError("lora_names", "a LoRA is named twice")
+    for lora in request.loras:
+        check_catalog_name("lora_names", lora.name)
+        _check_range("lora_scales", lora.scale, -limits.max_addon_scale, limits.max_addon_scale)
+    if len(request.controlnets) > limits.max_controlnets:
+        raise RequestError("controlnet_names", f"{len(request.controlnets)} ControlNets, at most {limits.max_controlnets}")
+    expected = (request.height, request.width, 3)
+    for control in request.controlnets:
+        check_catalog_name("controlnet_names", control.name)
+        _check_range("controlnet_scales", control.scale, 0.0, limits.max_addon_scale)
+        if control.image.dtype != np.uint8 or control.image.shape != expected:
+            raise RequestError(
+                "controlnet_images",
+                f"image for {control.name!r} is {control.image.dtype} {control.image.shape}, expected uint8 {expected}",
+            )

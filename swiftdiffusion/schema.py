@@ -1,0 +1,148 @@
+"""The Triton request schema of `text_to_image` (and its streaming twin): names, dtypes, shapes, defaults.
+
+One table serves the config generator, the model adapters and the client. Every tensor carries a leading
+batch dimension of 1 (the models batch requests, never a request's contents).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .request import ControlNetUse, GenerationRequest, LoraUse, RequestError
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    triton_type: str  # config.pbtxt data type
+    dims: tuple[int, ...]  # without the batch dimension
+    optional: bool = True
+    doc: str = ""
+
+    @property
+    def numpy_type(self):
+        return TRITON_TO_NUMPY[self.triton_type]
+
+
+TRITON_TO_NUMPY = {"TYPE_STRING": np.object_, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64,
+                   "TYPE_FP32": np.float32, "TYPE_UINT8": np.uint8}
+DEFAULTS = GenerationRequest(prompt="")
+
+REQUEST_INPUTS = (
+    TensorSpec("prompt", "TYPE_STRING", (1,), optional=False, doc="UTF-8 prompt"),
+    TensorSpec("negative_prompt", "TYPE_STRING", (1,), doc="UTF-8 negative prompt (default empty)"),
+    TensorSpec("seed", "TYPE_INT64", (1,), doc=f"noise seed (default {DEFAULTS.seed})"),
+    TensorSpec("steps", "TYPE_INT32", (1,), doc=f"denoising steps (default {DEFAULTS.steps})"),
+    TensorSpec("guidance_scale", "TYPE_FP32", (1,), doc=f"classifier-free guidance (default {DEFAULTS.guidance_scale})"),
+    TensorSpec("height", "TYPE_INT32", (1,), doc=f"pixels, multiple of 8 (default {DEFAULTS.height})"),
+    TensorSpec("width", "TYPE_INT32", (1,), doc=f"pixels, multiple of 8 (default {DEFAULTS.width})"),
+    TensorSpec("scheduler", "TYPE_STRING", (1,), doc=f"scheduler name (default {DEFAULTS.scheduler})"),
+    TensorSpec("lora_names", "TYPE_STRING", (-1,), doc="LoRA catalog names"),
+    TensorSpec("lora_scales", "TYPE_FP32", (-1,), doc="one scale per LoRA (default 1.0 each)"),
+    TensorSpec("lora_mode", "TYPE_STRING", (1,), doc="`bounded` (default) or `sync`"),
+    TensorSpec("lora_deadline", "TYPE_INT32", (1,), doc="bounded mode: latest step to patch LoRAs in"),
+    TensorSpec("controlnet_names", "TYPE_STRING", (-1,), doc="ControlNet catalog names"),
+    TensorSpec("controlnet_images", "TYPE_UINT8", (-1, -1, -1, 3), doc="one HxWx3 control image per ControlNet"),
+    TensorSpec("controlnet_scales", "TYPE_FP32", (-1,), doc="one scale per ControlNet (default 1.0 each)"),
+)
+IMAGE_OUTPUT = TensorSpec("image", "TYPE_UINT8", (-1, -1, 3), optional=False, doc="the image, HxWx3")
+LORA_STEP_OUTPUT = TensorSpec("lora_step", "TYPE_INT32", (1,), optional=False,
+                              doc="step before which the LoRAs were patched in (-1: no LoRA)")
+# Streaming responses: one per step with these, then one with the image.
+PROGRESS_OUTPUTS = (
+    TensorSpec("step", "TYPE_INT32", (1,), optional=False, doc="steps done"),
+    TensorSpec("total_steps", "TYPE_INT32", (1,), optional=False, doc="steps in all"),
+    TensorSpec("elapsed_s", "TYPE_FP32", (1,), optional=False, doc="seconds since the request began"),
+)
+
+
+def _scalar(inputs: dict[str, np.ndarray], name: str, default):
+    value = inputs.get(name)
+    if value is None:
+        return default
+    if value.size != 1:
+        raise RequestError(name, f"expected one value, got shape {value.shape}")
+    item = value.reshape(-1)[0]
+    if isinstance(item, bytes):
+        try:
+            return item.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RequestError(name, f"not valid UTF-8 ({error})") from None
+    return item.item()
+
+
+def _strings(inputs: dict[str, np.ndarray], name: str) -> list[str]:
+    value = inputs.get(name)
+    if value is None:
+        return []
+    try:
+        return [item.decode("utf-8") if isinstance(item, bytes) else str(item) for item in value.reshape(-1)]
+    except UnicodeDecodeError as error:
+        raise RequestError(name, f"not valid UTF-8 ({error})") from None
+
+
+def _scales(inputs: dict[str, np.ndarray], name: str, count: int, list_field: str) -> list[float]:
+    value = inputs.get(name)
+    if value is None:
+        return [1.0] * count
+    scales = [float(x) for x in value.reshape(-1)]
+    if len(scales) != count:
+        raise RequestError(name, f"{len(scales)} scales for {count} entries of {list_field}")
+    return scales
+
+
+def request_from_tensors(inputs: dict[str, np.ndarray]) -> GenerationRequest:
+    """Builds a request from a Triton request's tensors (batch dimension 1, already removed or not)."""
+    lora_names = _strings(inputs, "lora_names")
+    lora_scales = _scales(inputs, "lora_scales", len(lora_names), "lora_names")
+    controlnet_names = _strings(inputs, "controlnet_names")
+    controlnet_scales = _scales(inputs, "controlnet_scales", len(controlnet_names), "controlnet_names")
+    images = inputs.get("controlnet_images")
+    images = np.zeros((0, 0, 0, 3), np.uint8) if images is None else images
+    images = images.reshape(images.shape[-4:]) if images.ndim >= 4 else images
+    if len(controlnet_names) != (len(images) if images.ndim == 4 else -1):
+        raise RequestError("controlnet_images", f"got shape {images.shape} for {len(controlnet_names)} ControlNets "
+                                                f"(expected [count, height, width, 3])")
+    deadline = _scalar(inputs, "lora_deadline", None)
+    return GenerationRequest(
+        prompt=_scalar(inputs, "prompt", ""),
+        negative_prompt=_scalar(inputs, "negative_prompt", DEFAULTS.negative_prompt),
+        seed=int(_scalar(inputs, "seed", DEFAULTS.seed)),
+        steps=int(_scalar(inputs, "steps", DEFAULTS.steps)),
+        guidance_scale=float(_scalar(inputs, "guidance_scale", DEFAULTS.guidance_scale)),
+        height=int(_scalar(inputs, "height", DEFAULTS.height)),
+        width=int(_scalar(inputs, "width", DEFAULTS.width)),
+        scheduler=_scalar(inputs, "scheduler", DEFAULTS.scheduler),
+        loras=tuple(LoraUse(n, s) for n, s in zip(lora_names, lora_scales)),
+        controlnets=tuple(ControlNetUse(n, np.ascontiguousarray(i), s)
+                          for n, i, s in zip(controlnet_names, images, controlnet_scales)),
+        lora_mode=_scalar(inputs, "lora_mode", DEFAULTS.lora_mode),
+        lora_deadline=None if deadline is None else int(deadline),
+    )
+
+
+def tensors_from_request(request: GenerationRequest) -> dict[str, np.ndarray]:
+    """The inverse, for clients: every tensor with its batch dimension of 1; empty add-on lists are omitted."""
+    tensors = {
+        "prompt": np.array([[request.prompt.encode("utf-8")]], dtype=np.object_),
+        "negative_prompt": np.array([[request.negative_prompt.encode("utf-8")]], dtype=np.object_),
+        "seed": np.array([[request.seed]], dtype=np.int64),
+        "steps": np.array([[request.steps]], dtype=np.int32),
+        "guidance_scale": np.array([[request.guidance_scale]], dtype=np.float32),
+        "height": np.array([[request.height]], dtype=np.int32),
+        "width": np.array([[request.width]], dtype=np.int32),
+        "scheduler": np.array([[request.scheduler.encode()]], dtype=np.object_),
+        "lora_mode": np.array([[request.lora_mode.encode()]], dtype=np.object_),
+    }
+    if request.lora_deadline is not None:
+        tensors["lora_deadline"] = np.array([[request.lora_deadline]], dtype=np.int32)
+    if request.loras:
+        tensors["lora_names"] = np.array([[lora.name.encode() for lora in request.loras]], dtype=np.object_)
+        tensors["lora_scales"] = np.array([[lora.scale for lora in request.loras]], dtype=np.float32)
+    if request.controlnets:
+        tensors["controlnet_names"] = np.array([[c.name.encode() for c in request.controlnets]], dtype=np.object_)
+        tensors["controlnet_images"] = np.stack([c.image for c in request.controlnets])[None]
+        tensors["controlnet_scales"] = np.array([[c.scale for c in request.controlnets]], dtype=np.float32)
+    return tensors
