@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -116,12 +116,13 @@ def build_text_encoder(size: ModelSize, vocab_size: int, tokenizer: CLIPTokenize
     return CLIPTextModel(config)
 
 
-def build_scheduler() -> PNDMScheduler:
-    """SD1.5's own scheduler configuration."""
-    return PNDMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
-    )
+# SD1.5's own scheduler configuration. `clip_sample: false` is not a PNDM argument but the other schedulers
+# read it from this shared config (diffusers' pipelines force it to false when it is missing).
+SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None,
+}
 
 
 def build_controlnet(unet: UNet2DConditionModel, size: ModelSize) -> ControlNetModel:
@@ -236,7 +237,8 @@ def build_model(out: Path, size_name: str = "tiny", seed: int = 0) -> Path:
     vae.save_pretrained(model_dir / "vae")
     text_encoder.save_pretrained(model_dir / "text_encoder")
     tokenizer.save_pretrained(model_dir / "tokenizer")
-    build_scheduler().save_pretrained(model_dir / "scheduler")
+    (model_dir / "scheduler").mkdir()
+    (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
     (model_dir / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     for name in CONTROLNET_NAMES:
         build_controlnet(unet, size).save_pretrained(out / "controlnets" / name)

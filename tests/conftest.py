@@ -1,0 +1,39 @@
+"""Shared fixtures: the built-in tiny model (built once per test session) and a pipeline over it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from swiftdiffusion.controlnets import ControlNetCatalog, LocalControlNets
+from swiftdiffusion.lora_store import LoraStore
+from swiftdiffusion.models import load_model
+from swiftdiffusion.pipeline import Pipeline
+from swiftdiffusion.tiny import build_model
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    return build_model(tmp_path_factory.mktemp("tiny"), "tiny", seed=0)
+
+
+def make_pipeline(root, **kwargs) -> Pipeline:
+    model = load_model(root / "model")
+    return Pipeline(model, LocalControlNets(ControlNetCatalog(root / "controlnets")),
+                    LoraStore(root / "loras", model.weight_shapes, model.device, model.dtype), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_root) -> Pipeline:
+    return make_pipeline(tiny_root)
+
+
+def control_image(seed: int, height: int = 64, width: int = 64) -> np.ndarray:
+    """A blocky random control image (edges at 8-pixel blocks, like a coarse edge map)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return np.ascontiguousarray(blocks.repeat(8, axis=0).repeat(8, axis=1))
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
