@@ -36,7 +36,6 @@ class LoraFactors:
 
     name: str
     layers: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]]
-    nbytes: int
 
     def touches(self, component: str) -> bool:
         return bool(self.layers.get(component))
@@ -99,8 +98,7 @@ def decode_lora(name: str, data: bytes, weight_shapes: Mapping[str, Mapping[str,
         layers[component] = _factors(name, component, peft_state, scales, weight_shapes[component])
     if not layers:
         raise LoraFormatError(f"LoRA {name!r} has no UNet or text-encoder layers")
-    nbytes = sum(t.numel() * t.element_size() for component in layers.values() for f in component.values() for t in f)
-    return LoraFactors(name, layers, nbytes)
+    return LoraFactors(name, layers)
 
 
 def _factors(name, component, peft_state, scales, shapes) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -30,7 +31,8 @@ class LoraSet:
     key: tuple
     unet: WeightPatch
     text_encoder: WeightPatch
-    nbytes: int = 0
+    bytes_read: int = 0
+    load_s: float = 0.0
 
 
 def lora_key(uses: Sequence[LoraUse]) -> tuple:
@@ -61,17 +63,21 @@ class LoraStore:
 
     def load(self, uses: Sequence[LoraUse]) -> LoraSet:
         """Reads and decodes the LoRAs and sums them into patches; RequestError for any bad file."""
-        decoded = []
+        begin = time.perf_counter()
+        decoded, bytes_read = [], 0
         for use in uses:
             try:
-                decoded.append((decode_lora(use.name, self.fetch(use.name), self.weight_shapes), use.scale))
+                data = self.fetch(use.name)
+                bytes_read += len(data)
+                decoded.append((decode_lora(use.name, data, self.weight_shapes), use.scale))
             except (LoraFormatError, FileNotFoundError) as error:
                 raise RequestError("lora_names", str(error)) from error
         return LoraSet(
             key=lora_key(uses),
             unet=build_patch("unet", decoded, self.device, self.dtype),
             text_encoder=build_patch("text_encoder", decoded, self.device, self.dtype),
-            nbytes=sum(lora.nbytes for lora, _ in decoded),
+            bytes_read=bytes_read,
+            load_s=time.perf_counter() - begin,
         )
 
     def load_async(self, uses: Sequence[LoraUse]) -> concurrent.futures.Future[LoraSet]:

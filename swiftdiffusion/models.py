@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -18,15 +19,20 @@ from .engines import Engine, TorchEngine, TorchWeights
 from .lora import weight_shapes
 
 
+ALL_PARTS = ("text_encoder", "unet", "vae")
+
+
 @dataclasses.dataclass
 class ModelComponents:
-    """The diffusers/transformers modules of one SD1.5 model."""
+    """The diffusers/transformers modules of one SD1.5 model (None for parts not loaded)."""
 
     tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    text_encoder: CLIPTextModel | None
+    unet: UNet2DConditionModel | None
+    vae: AutoencoderKL | None
     scheduler_config: dict
+    unet_config: dict
+    vae_config: dict
 
 
 @dataclasses.dataclass
@@ -45,8 +51,12 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-def load_components(path: str | Path, config: str | Path | None = None) -> ModelComponents:
-    """Reads a diffusers folder, or a single-file `.safetensors` checkpoint with a local diffusers config folder."""
+def load_components(path: str | Path, config: str | Path | None = None,
+                    parts: tuple[str, ...] = ALL_PARTS) -> ModelComponents:
+    """Reads a diffusers folder, or a single-file `.safetensors` checkpoint with a local diffusers config folder.
+
+    `parts` limits what is loaded from a folder (a Triton model holding the text encoder needs no UNet).
+    """
     path = Path(path)
     if path.is_file():
         if config is None:
@@ -54,47 +64,61 @@ def load_components(path: str | Path, config: str | Path | None = None) -> Model
         pipe = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config), local_files_only=True, safety_checker=None, requires_safety_checker=False
         )
-        return ModelComponents(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, dict(pipe.scheduler.config))
+        return ModelComponents(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, dict(pipe.scheduler.config),
+                               dict(pipe.unet.config), dict(pipe.vae.config))
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
-    unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+    loaders = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
+    modules = {part: loaders[part].from_pretrained(path / part, local_files_only=True) if part in parts else None
+               for part in ALL_PARTS}
     scheduler_config = PNDMScheduler.load_config(path / "scheduler", local_files_only=True)
-    return ModelComponents(tokenizer, text_encoder, unet, vae, dict(scheduler_config))
+    unet_config = UNet2DConditionModel.load_config(path / "unet", local_files_only=True)
+    vae_config = AutoencoderKL.load_config(path / "vae", local_files_only=True)
+    return ModelComponents(tokenizer, scheduler_config=dict(scheduler_config), unet_config=dict(unet_config),
+                           vae_config=dict(vae_config), **modules)
 
 
 def torch_engines(components: ModelComponents, device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Wraps the modules as torch engines; the three UNet graphs share one set of weights."""
+    """Wraps the loaded modules as torch engines; the three UNet graphs share one set of weights."""
     device = torch.device(device)
-    for module in (components.text_encoder, components.unet, components.vae):
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    specs = graphs.graph_specs(components.unet.config)
+    specs = graphs.graph_specs(SimpleNamespace(**components.unet_config))
+    engines: dict[str, Engine] = {}
+    shapes = {}
     # Weight names are the diffusers/transformers module's own (what LoRA files name), not the wrappers'.
-    unet_weights = TorchWeights(components.unet)
-    engines: dict[str, Engine] = {
-        "text_encoder": TorchEngine(graphs.TextEncoder(components.text_encoder), specs["text_encoder"],
-                                    TorchWeights(components.text_encoder)),
-        "unet": TorchEngine(graphs.FullUNet(components.unet), specs["unet"], unet_weights),
-        "unet_encoder": TorchEngine(graphs.UNetEncoder(components.unet), specs["unet_encoder"], unet_weights),
-        "unet_decoder": TorchEngine(graphs.UNetDecoder(components.unet), specs["unet_decoder"], unet_weights),
-        "vae_decoder": TorchEngine(graphs.VaeDecoder(components.vae), specs["vae_decoder"]),
-    }
+    if components.text_encoder is not None:
+        text_encoder = _prepare(components.text_encoder, device, dtype)
+        engines["text_encoder"] = TorchEngine(graphs.TextEncoder(text_encoder), specs["text_encoder"],
+                                              TorchWeights(text_encoder))
+        shapes["text_encoder"] = weight_shapes(text_encoder)
+    if components.unet is not None:
+        unet = _prepare(components.unet, device, dtype)
+        unet_weights = TorchWeights(unet)
+        for name, graph in (("unet", graphs.FullUNet), ("unet_encoder", graphs.UNetEncoder),
+                            ("unet_decoder", graphs.UNetDecoder)):
+            engines[name] = TorchEngine(graph(unet), specs[name], unet_weights)
+        shapes["unet"] = weight_shapes(unet)
+    if components.vae is not None:
+        engines["vae_decoder"] = TorchEngine(graphs.VaeDecoder(_prepare(components.vae, device, dtype)),
+                                             specs["vae_decoder"])
     return LoadedModel(
         tokenizer=components.tokenizer,
         scheduler_config=components.scheduler_config,
-        unet_config=components.unet.config,
-        latent_channels=components.unet.config.in_channels,
-        vae_scale_factor=2 ** (len(components.vae.config.block_out_channels) - 1),
+        unet_config=components.unet_config,
+        latent_channels=components.unet_config["in_channels"],
+        vae_scale_factor=2 ** (len(components.vae_config["block_out_channels"]) - 1),
         engines=engines,
-        weight_shapes={"unet": weight_shapes(components.unet), "text_encoder": weight_shapes(components.text_encoder)},
+        weight_shapes=shapes,
         device=device,
         dtype=dtype,
     )
 
 
+def _prepare(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               config: str | Path | None = None) -> LoadedModel:
-    return torch_engines(load_components(path, config), device, dtype)
+               config: str | Path | None = None, parts: tuple[str, ...] = ALL_PARTS) -> LoadedModel:
+    return torch_engines(load_components(path, config, parts), device, dtype)
 
 
 def load_controlnet(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Engine:

@@ -56,11 +56,23 @@ def make_scheduler(name: str, base_config: dict):
 
 
 @dataclasses.dataclass
+class LoraTimings:
+    """Where a request's LoRA time went (for metrics and benchmarks)."""
+
+    load_s: float = 0.0  # fetch + decode, in the background in bounded mode
+    patch_s: float = 0.0
+    restore_s: float = 0.0
+    bytes_read: int = 0
+    reused: bool = False  # the set was already patched in by the previous request
+
+
+@dataclasses.dataclass
 class DenoiseResult:
     latents: torch.Tensor
     # Step index before which the request's LoRAs were patched in; -1 without LoRAs.
     lora_step: int = -1
     lora_wait_s: float = 0.0
+    timings: LoraTimings = dataclasses.field(default_factory=LoraTimings)
 
 
 @dataclasses.dataclass
@@ -119,7 +131,8 @@ class Pipeline:
         begin = time.perf_counter()
         model = self.model
         guided = uses_guidance(request)
-        lora_job, lora_step = self._start_loras(request, exact_lora_step)
+        timings = LoraTimings()
+        lora_job, lora_step = self._start_loras(request, exact_lora_step, timings)
         if lora_step == 0 and self.applied_text_lora:
             embeddings = None  # the outside encoder ran without the text-encoder LoRA layers
         if embeddings is None:
@@ -143,8 +156,9 @@ class Pipeline:
         for index, t in enumerate(timesteps):
             if lora_job is not None and (index >= deadline or (exact_lora_step is None and lora_job.done())):
                 waited = time.perf_counter()
-                self._apply(await asyncio.wrap_future(lora_job))
+                lora_set = await asyncio.wrap_future(lora_job)
                 wait_s = time.perf_counter() - waited
+                self._apply(lora_set, timings)
                 if self.applied_text_lora:
                     embeddings = self.encode(request)
                 lora_job, lora_step = None, index
@@ -157,7 +171,7 @@ class Pipeline:
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             if on_step is not None:
                 on_step(index + 1, len(timesteps), time.perf_counter() - begin)
-        return DenoiseResult(latents, lora_step, wait_s)
+        return DenoiseResult(latents, lora_step, wait_s, timings)
 
     async def _unet_step(self, sample, timestep, embeddings, controls) -> torch.Tensor:
         inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeddings}
@@ -177,16 +191,16 @@ class Pipeline:
         decoder_inputs["encoder_hidden_states"] = embeddings
         return self.engines["unet_decoder"](decoder_inputs)["noise_pred"]
 
-    def _start_loras(self, request: GenerationRequest, exact_lora_step: int | None):
+    def _start_loras(self, request: GenerationRequest, exact_lora_step: int | None, timings: LoraTimings):
         """(pending load or None, step the LoRAs were applied at: 0 when already in place, else -1)."""
-        if not request.loras:
-            self._apply(None)
-            return None, -1
-        if lora_key(request.loras) == self.applied_key and exact_lora_step is None:
+        if request.loras and lora_key(request.loras) == self.applied_key and exact_lora_step is None:
+            timings.reused = True
             return None, 0
-        self._apply(None)
+        self._apply(None, timings)
+        if not request.loras:
+            return None, -1
         if request.lora_mode == "sync" and exact_lora_step is None:
-            self._apply(self.loras.load(request.loras))
+            self._apply(self.loras.load(request.loras), timings)
             return None, 0
         return self.loras.load_async(request.loras), -1
 
@@ -195,8 +209,9 @@ class Pipeline:
             return request.lora_deadline
         return math.ceil(self.lora_deadline_fraction * request.steps)
 
-    def _apply(self, lora_set: LoraSet | None) -> None:
+    def _apply(self, lora_set: LoraSet | None, timings: LoraTimings) -> None:
         """Patches (or, with None, restores) every engine whose weights LoRAs touch."""
+        begin = time.perf_counter()
         self.applied_key, self.applied_text_lora = None, False
         for name in ("unet", "unet_encoder", "unet_decoder"):
             if lora_set is None:
@@ -208,6 +223,13 @@ class Pipeline:
         else:
             self.engines["text_encoder"].patch(lora_set.text_encoder)
             self.applied_key, self.applied_text_lora = lora_set.key, bool(lora_set.text_encoder.layers)
+        elapsed = time.perf_counter() - begin
+        if lora_set is None:
+            timings.restore_s += elapsed
+        else:
+            timings.patch_s += elapsed
+            timings.load_s += lora_set.load_s
+            timings.bytes_read += lora_set.bytes_read
 
     def _control_image(self, image: np.ndarray, guided: bool) -> torch.Tensor:
         # As diffusers' control image processor: float32 in [0, 1], NCHW, then the engine's dtype.

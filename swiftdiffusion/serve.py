@@ -1,0 +1,69 @@
+"""`make serve`: render the model repository for one deployment and run tritonserver in the foreground.
+
+Without `--model` it serves the built-in tiny model (built on first use under `models/tiny`). A real SD1.5
+deployment is `--model DIR` (a diffusers folder), `--controlnets DIR` (diffusers ControlNet folders by name),
+`--loras LOCATION` (a folder or fsspec URL of `<name>.safetensors` files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .request import Limits
+from .tiny import ensure_model
+from .triton.launcher import Ports, run_foreground
+from .triton.repository import Deployment, write_repository
+
+PROJECT = Path(__file__).resolve().parents[1]
+# Room for ControlNet residuals between Python-backend processes (SD1.5: ~51 MiB fp32 per call).
+SHM_ARGS = ("--backend-config=python,shm-default-byte-size=16777216,shm-growth-byte-size=67108864",)
+
+
+def deployment_from_args(args: argparse.Namespace) -> Deployment:
+    if args.model is None:
+        root = ensure_model(PROJECT / "models" / "tiny", "tiny")
+        args.model = root / "model"
+        args.controlnets = args.controlnets or root / "controlnets"
+        args.loras = args.loras or str(root / "loras")
+    if args.controlnets is None or args.loras is None:
+        raise SystemExit("--model needs --controlnets and --loras too")
+    gpus = {"denoiser": [[0]], "text_encoder": [[0]], "vae_decoder": [[0]],
+            "controlnet": [[g] for g in args.controlnet_gpus]} if args.device == "cuda" else {}
+    return Deployment(model=Path(args.model), controlnet_catalog=Path(args.controlnets), lora_catalog=str(args.loras),
+                      dtype=args.dtype, gpus=gpus, controlnet_instances=args.controlnet_instances,
+                      torch_threads=args.torch_threads,
+                      limits=Limits(max_steps=args.max_steps, max_size=args.max_size))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="diffusers SD1.5 folder (default: the built-in tiny model)")
+    p.add_argument("--controlnets", type=Path, help="folder of ControlNet folders, one per name")
+    p.add_argument("--loras", help="folder or fsspec URL of <name>.safetensors LoRA files")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--controlnet-instances", type=int, default=2, help="CPU instances of the ControlNet model")
+    p.add_argument("--controlnet-gpus", type=int, nargs="*", default=[0], help="with --device cuda: one instance each")
+    p.add_argument("--torch-threads", type=int, default=0, help="threads per model instance (0: torch's default)")
+    p.add_argument("--max-steps", type=int, default=Limits.max_steps)
+    p.add_argument("--max-size", type=int, default=Limits.max_size)
+    p.add_argument("--repository", type=Path, default=PROJECT / "build" / "model_repository")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--ports", type=int, nargs=3, default=list(Ports()), metavar=("HTTP", "GRPC", "METRICS"))
+    p.add_argument("--write-only", action="store_true", help="render the repository and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    repository = write_repository(args.repository, deployment_from_args(args))
+    print(f"model repository: {repository}", flush=True)
+    if args.write_only:
+        return 0
+    return run_foreground(repository, Ports(*args.ports), args.host, SHM_ARGS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

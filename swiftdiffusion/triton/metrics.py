@@ -1,0 +1,53 @@
+"""LoRA metrics on Triton's metrics endpoint (`pb_utils.MetricFamily`): what the bounded loading costs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..pipeline import DenoiseResult
+from ..request import GenerationRequest
+
+SECONDS_BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+STEP_BUCKETS = [0, 1, 2, 3, 5, 10, 20, 50]
+
+
+class LoraMetrics:
+    def __init__(self, pb: Any, model: str):
+        labels = {"model": model}
+        self.families = []  # a metric is only valid while its family lives
+
+        def family(name: str, doc: str, kind):
+            self.families.append(pb.MetricFamily(name=name, description=doc, kind=kind))
+            return self.families[-1]
+
+        def histogram(name: str, doc: str, buckets: list[float]):
+            return family(name, doc, pb.MetricFamily.HISTOGRAM).Metric(labels=labels, buckets=buckets)
+
+        def counter(name: str, doc: str):
+            return family(name, doc, pb.MetricFamily.COUNTER).Metric(labels=labels)
+
+        self.load_s = histogram("swiftdiffusion_lora_load_seconds", "LoRA fetch + decode time per request",
+                                SECONDS_BUCKETS)
+        self.patch_s = histogram("swiftdiffusion_lora_patch_seconds", "LoRA in-place patch time", SECONDS_BUCKETS)
+        self.restore_s = histogram("swiftdiffusion_lora_restore_seconds", "weight restore time", SECONDS_BUCKETS)
+        self.wait_s = histogram("swiftdiffusion_lora_wait_seconds", "time the loop waited for LoRAs",
+                                SECONDS_BUCKETS)
+        self.step = histogram("swiftdiffusion_lora_apply_step", "step before which LoRAs were patched in",
+                              STEP_BUCKETS)
+        self.bytes_read = counter("swiftdiffusion_lora_bytes_read_total", "LoRA file bytes read")
+        self.hits = counter("swiftdiffusion_lora_reuse_total", "requests whose LoRA set was already patched in")
+        self.misses = counter("swiftdiffusion_lora_loads_total", "requests that loaded their LoRA set")
+
+    def record(self, request: GenerationRequest, result: DenoiseResult) -> None:
+        self.restore_s.observe(result.timings.restore_s)
+        if not request.loras:
+            return
+        self.step.observe(result.lora_step)
+        self.wait_s.observe(result.lora_wait_s)
+        if result.timings.reused:
+            self.hits.increment(1)
+            return
+        self.misses.increment(1)
+        self.load_s.observe(result.timings.load_s)
+        self.patch_s.observe(result.timings.patch_s)
+        self.bytes_read.increment(result.timings.bytes_read)

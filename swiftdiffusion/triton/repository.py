@@ -1,0 +1,155 @@
+"""Writes a deployable Triton model repository: every config.pbtxt generated here, from one `Deployment`.
+
+The model code lives in the project's `model_repository/<model>/1/model.py` (thin adapters); this module
+copies it next to configs rendered for one deployment (model paths, catalogs, limits, devices), so nothing is
+hand-copied between configs and a new deployment is one `Deployment(...)` away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextConfig
+
+from ..graphs import skip_names, skip_count
+from ..request import Limits
+from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, PROGRESS_OUTPUTS, REQUEST_INPUTS, TensorSpec
+
+SOURCE = Path(__file__).resolve().parents[2] / "model_repository"
+MODELS = ("text_encoder", "denoiser", "controlnet", "vae_decoder", "text_to_image", "text_to_image_stream")
+
+
+@dataclasses.dataclass
+class Deployment:
+    model: Path
+    controlnet_catalog: Path
+    lora_catalog: str  # folder or fsspec URL
+    dtype: str = "float32"
+    # instance_group per model: [] = one CPU instance; [[0], [1]] = one instance on GPU 0 and one on GPU 1.
+    gpus: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)
+    controlnet_instances: int = 2  # CPU instances of the ControlNet model (GPU: one per `gpus` entry)
+    resident_controlnets: int = 4
+    lora_deadline_fraction: float = 0.2
+    torch_threads: int = 0  # 0: torch's default; set it to share CPU cores between instances
+    limits: Limits = Limits()
+
+
+def _tensor(spec: TensorSpec, direction: str) -> str:
+    optional = "\n    optional: true" if spec.optional and direction == "input" else ""
+    dims = ", ".join(str(d) for d in spec.dims)
+    return f"  {{\n    name: \"{spec.name}\"\n    data_type: {spec.triton_type}\n    dims: [ {dims} ]{optional}\n  }}"
+
+
+def _io(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> str:
+    ins = ",\n".join(_tensor(s, "input") for s in inputs)
+    outs = ",\n".join(_tensor(s, "output") for s in outputs)
+    return f"input [\n{ins}\n]\noutput [\n{outs}\n]\n"
+
+
+def _instances(deployment: Deployment, model: str, cpu_count: int = 1) -> str:
+    groups = deployment.gpus.get(model)
+    if not groups:
+        return f"instance_group [ {{ count: {cpu_count} kind: KIND_CPU }} ]\n"
+    rendered = ", ".join(f"{{ count: 1 kind: KIND_GPU gpus: [ {', '.join(map(str, g))} ] }}" for g in groups)
+    return f"instance_group [ {rendered} ]\n"
+
+
+def _parameters(values: dict[str, object]) -> str:
+    rendered = "\n".join(f"parameters {{ key: \"{k}\" value: {{ string_value: \"{v}\" }} }}" for k, v in values.items())
+    return rendered + "\n"
+
+
+def _python(name: str, max_batch_size: int, body: str, batching: bool = False, decoupled: bool = False) -> str:
+    text = f"name: \"{name}\"\nbackend: \"python\"\nmax_batch_size: {max_batch_size}\n"
+    if batching:
+        text += "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
+    if decoupled:
+        text += "model_transaction_policy { decoupled: true }\n"
+    return text + body
+
+
+def render_configs(deployment: Deployment) -> dict[str, str]:
+    """config.pbtxt text per model."""
+    text_width = CLIPTextConfig.from_pretrained(deployment.model / "text_encoder").hidden_size
+    unet_config = UNet2DConditionModel.load_config(deployment.model / "unet")
+    latent_channels = unet_config["in_channels"]
+    skips = skip_names(skip_count(argparse.Namespace(**unet_config)))
+    common = {"dtype": deployment.dtype, "torch_threads": deployment.torch_threads}
+    model = {"model": deployment.model.resolve(), **common}
+    catalogs = {"controlnet_catalog": deployment.controlnet_catalog.resolve(),
+                "lora_catalog": deployment.lora_catalog}
+    embeddings = TensorSpec("text_embeddings", "TYPE_FP32", (2, 77, text_width), optional=False)
+    latents = TensorSpec("latents", "TYPE_FP32", (latent_channels, -1, -1), optional=False)
+    prompt_inputs = [s for s in REQUEST_INPUTS if s.name in ("prompt", "negative_prompt")]
+    limits = {"max_steps": deployment.limits.max_steps, "max_size": deployment.limits.max_size,
+              "lora_deadline_fraction": deployment.lora_deadline_fraction}
+    controlnet_inputs = [
+        TensorSpec("controlnet_name", "TYPE_STRING", (1,), optional=False),
+        TensorSpec("sample", "TYPE_FP32", (-1, latent_channels, -1, -1), optional=False),
+        TensorSpec("timestep", "TYPE_FP32", (1,), optional=False),
+        TensorSpec("encoder_hidden_states", "TYPE_FP32", (-1, 77, text_width), optional=False),
+        TensorSpec("controlnet_cond", "TYPE_FP32", (-1, 3, -1, -1), optional=False),
+    ]
+    residuals = [TensorSpec(name, "TYPE_FP32", (-1, -1, -1, -1), optional=False) for name in (*skips, "mid")]
+    denoiser_params = {**model, **catalogs, **limits, "controlnet_model": "controlnet"}
+    return {
+        "text_encoder": _python("text_encoder", 8, _io(prompt_inputs, [embeddings]) + _instances(
+            deployment, "text_encoder") + _parameters(model), batching=True),
+        "vae_decoder": _python("vae_decoder", 4, _io([latents], [IMAGE_OUTPUT]) + _instances(
+            deployment, "vae_decoder") + _parameters(model), batching=True),
+        "controlnet": _python("controlnet", 0, _io(controlnet_inputs, residuals) + _instances(
+            deployment, "controlnet", deployment.controlnet_instances) + _parameters(
+            {**common, "controlnet_catalog": catalogs["controlnet_catalog"],
+             "resident_controlnets": deployment.resident_controlnets})),
+        "denoiser": _python("denoiser", 1, _io([*REQUEST_INPUTS, embeddings], [latents, LORA_STEP_OUTPUT])
+                            + _instances(deployment, "denoiser") + _parameters(denoiser_params)),
+        "text_to_image_stream": _python(
+            "text_to_image_stream", 1, _io(list(REQUEST_INPUTS), [IMAGE_OUTPUT, LORA_STEP_OUTPUT, *PROGRESS_OUTPUTS])
+            + _instances(deployment, "denoiser") + _parameters(denoiser_params), decoupled=True),
+        "text_to_image": _ensemble(),
+    }
+
+
+def _ensemble() -> str:
+    """text_encoder -> denoiser -> vae_decoder, every request field passed through by its own name."""
+    names = [s.name for s in REQUEST_INPUTS]
+    denoiser_inputs = "\n".join(f"        input_map {{ key: \"{n}\" value: \"{n}\" }}" for n in names)
+    return (
+        "name: \"text_to_image\"\nplatform: \"ensemble\"\nmax_batch_size: 1\n"
+        + _io(list(REQUEST_INPUTS), [IMAGE_OUTPUT, LORA_STEP_OUTPUT])
+        + "ensemble_scheduling {\n  step [\n"
+        "    {\n      model_name: \"text_encoder\"\n      model_version: -1\n"
+        "        input_map { key: \"prompt\" value: \"prompt\" }\n"
+        "        input_map { key: \"negative_prompt\" value: \"negative_prompt\" }\n"
+        "        output_map { key: \"text_embeddings\" value: \"text_embeddings\" }\n    },\n"
+        "    {\n      model_name: \"denoiser\"\n      model_version: -1\n"
+        f"{denoiser_inputs}\n"
+        "        input_map { key: \"text_embeddings\" value: \"text_embeddings\" }\n"
+        "        output_map { key: \"latents\" value: \"latents\" }\n"
+        "        output_map { key: \"lora_step\" value: \"lora_step\" }\n    },\n"
+        "    {\n      model_name: \"vae_decoder\"\n      model_version: -1\n"
+        "        input_map { key: \"latents\" value: \"latents\" }\n"
+        "        output_map { key: \"image\" value: \"image\" }\n    }\n"
+        "  ]\n}\n"
+    )
+
+
+def write_repository(out: Path, deployment: Deployment) -> Path:
+    """Renders every config and copies each model's model.py; returns `out`."""
+    out = Path(out)
+    for name, config in render_configs(deployment).items():
+        folder = out / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        (folder / "1").mkdir(parents=True)
+        (folder / "config.pbtxt").write_text(config)
+        source = SOURCE / name / "1" / "model.py"
+        if source.exists():
+            shutil.copy(source, folder / "1" / "model.py")
+    (out / "deployment.json").write_text(json.dumps(dataclasses.asdict(deployment), default=str, indent=2))
+    return out

@@ -1,0 +1,258 @@
+"""The Triton Python-backend models, as classes over the package.
+
+Each `model_repository/<model>/1/model.py` only binds one of these classes to `triton_python_backend_utils`
+(`pb`), so the logic here is importable and unit-testable with a stand-in for `pb`. The request path:
+
+    text_to_image (ensemble)
+      text_encoder   prompts -> embeddings                (dynamic batching across requests)
+      denoiser       scheduler loop, UNet, LoRA patching  (ControlNets through async BLS ->)
+        controlnet   any catalog ControlNet by name, LRU-resident, instances on their own devices
+      vae_decoder    latents -> uint8 image               (dynamic batching across requests)
+    text_to_image_stream (decoupled): the same steps in one model, a response per step, then the image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ..catalog import resolve
+from ..controlnets import ControlNetCatalog
+from ..lora_store import LoraStore
+from ..models import load_model
+from ..pipeline import Pipeline, to_uint8, uses_guidance
+from ..request import Limits, RequestError
+from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, request_from_tensors
+from .metrics import LoraMetrics
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---- shared plumbing ------------------------------------------------------------------------------------------
+class ModelBase:
+    """What every model reads from its config: parameters, device, dtype, thread budget."""
+
+    pb: Any = None  # triton_python_backend_utils, bound by model.py
+
+    def initialize(self, args: dict) -> None:
+        self.config = json.loads(args["model_config"])
+        self.params = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+        gpu = args.get("model_instance_kind") == "GPU"
+        self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
+        self.dtype = DTYPES[self.params.get("dtype", "float32")]
+        threads = int(self.params.get("torch_threads", "0"))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.setup()
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def inputs(self, request, names) -> dict[str, np.ndarray]:
+        """The request's tensors by name, without the batch dimension (always 1 here)."""
+        found = {}
+        for name in names:
+            tensor = self.pb.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                array = tensor.as_numpy()
+                if array.shape[:1] != (1,):
+                    raise RequestError(name, f"batch dimension must be 1, got shape {array.shape}")
+                found[name] = array[0]
+        return found
+
+    def error(self, error: Exception):
+        """RequestError -> INVALID_ARG naming the field; anything else -> INTERNAL."""
+        if isinstance(error, RequestError):
+            return self.pb.InferenceResponse(error=self.pb.TritonError(str(error), self.pb.TritonError.INVALID_ARG))
+        return self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(error).__name__}: {error}",
+                                                                   self.pb.TritonError.INTERNAL))
+
+    def tensor(self, name: str, value: np.ndarray | torch.Tensor):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        return self.pb.Tensor(name, np.ascontiguousarray(value))
+
+    def limits(self) -> Limits:
+        return Limits(max_steps=int(self.params.get("max_steps", Limits.max_steps)),
+                      max_size=int(self.params.get("max_size", Limits.max_size)))
+
+
+# ---- text encoder ---------------------------------------------------------------------------------------------
+class TextEncoderModel(ModelBase):
+    """Prompt pairs of every request in the batch, encoded in one call: [batch, 2 (negative, positive), 77, D]."""
+
+    def setup(self) -> None:
+        self.model = load_model(self.params["model"], self.device, self.dtype, parts=("text_encoder",))
+        self.pipeline = Pipeline(self.model)
+
+    def execute(self, requests):
+        texts = []
+        for request in requests:
+            found = self.inputs(request, ("prompt", "negative_prompt"))
+            texts.append([_text(found.get("negative_prompt")), _text(found.get("prompt"))])
+        ids = self.pipeline.tokenize([text for pair in texts for text in pair])
+        embeddings = self.model.engines["text_encoder"]({"input_ids": ids})["text_embeddings"]
+        embeddings = embeddings.reshape(len(requests), 2, *embeddings.shape[1:])
+        return [self.pb.InferenceResponse([self.tensor("text_embeddings", embeddings[i:i + 1])])
+                for i in range(len(requests))]
+
+
+def _text(value: np.ndarray | None) -> str:
+    """Lenient here: invalid UTF-8 is the denoiser's to reject (with the field's name); encode what decodes."""
+    if value is None:
+        return ""
+    item = value.reshape(-1)[0]
+    return item.decode("utf-8", errors="replace") if isinstance(item, bytes) else str(item)
+
+
+# ---- VAE decoder ----------------------------------------------------------------------------------------------
+class VaeDecoderModel(ModelBase):
+    """Latents of a batch of requests (same size: Triton batches equal shapes only) to uint8 images."""
+
+    def setup(self) -> None:
+        self.engine = load_model(self.params["model"], self.device, self.dtype, parts=("vae",)).engines["vae_decoder"]
+
+    def execute(self, requests):
+        latents = torch.cat([torch.from_numpy(self.pb.get_input_tensor_by_name(r, "latents").as_numpy())
+                             for r in requests]).to(self.device, self.dtype)
+        images = to_uint8(self.engine({"latent": latents})["image"])
+        return [self.pb.InferenceResponse([self.tensor(IMAGE_OUTPUT.name, images[i:i + 1])])
+                for i in range(len(requests))]
+
+
+# ---- ControlNet -----------------------------------------------------------------------------------------------
+CONTROLNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond")
+
+
+class ControlNetServiceModel(ModelBase):
+    """Any ControlNet of the catalog by name; the most recently used stay loaded on this instance's device."""
+
+    def setup(self) -> None:
+        self.catalog = ControlNetCatalog(self.params["controlnet_catalog"], self.device, self.dtype,
+                                         capacity=int(self.params.get("resident_controlnets", "4")))
+
+    def execute(self, requests):
+        return [self._run(request) for request in requests]
+
+    def _run(self, request):
+        try:
+            name = _text(self.pb.get_input_tensor_by_name(request, "controlnet_name").as_numpy())
+            inputs = {n: torch.from_numpy(self.pb.get_input_tensor_by_name(request, n).as_numpy()).to(
+                self.device, self.dtype) for n in CONTROLNET_INPUTS}
+            engine = self.catalog.get(name)
+            residuals = engine(inputs)
+            return self.pb.InferenceResponse([self.tensor(n, residuals[n]) for n in engine.spec.outputs])
+        except Exception as error:  # one bad request must not take the instance down
+            return self.error(error)
+
+
+class BlsControlNets:
+    """The orchestrator's ControlNet runner: asynchronous BLS calls to the ControlNet model.
+
+    `submit` sends the request at once (`async_exec` does, a coroutine would not until awaited), so the
+    ControlNet instances compute while the caller runs the UNet encoder.
+    """
+
+    def __init__(self, pb, model_name: str, catalog_root: str, output_names: tuple[str, ...], device: torch.device):
+        self.pb = pb
+        self.model_name = model_name
+        self.catalog_root = Path(catalog_root)
+        self.output_names = output_names
+        self.device = device
+
+    def check(self, name: str) -> None:
+        resolve(self.catalog_root, name, "", "controlnet_names")
+
+    def submit(self, name: str, inputs: Mapping[str, torch.Tensor]):
+        tensors = [self.pb.Tensor("controlnet_name", np.array([name.encode()], dtype=np.object_))]
+        tensors += [self.pb.Tensor(n, np.ascontiguousarray(inputs[n].detach().cpu().numpy()))
+                    for n in CONTROLNET_INPUTS]
+        future = self.pb.InferenceRequest(model_name=self.model_name, inputs=tensors,
+                                          requested_output_names=list(self.output_names)).async_exec()
+        return self._collect(name, future)
+
+    async def _collect(self, name: str, future) -> dict[str, torch.Tensor]:
+        response = await future
+        if response.has_error():
+            raise RuntimeError(f"ControlNet {name!r} failed: {response.error().message()}")
+        return {n: torch.from_numpy(self.pb.get_output_tensor_by_name(response, n).as_numpy()).to(self.device)
+                for n in self.output_names}
+
+
+# ---- denoiser (the orchestrator) ------------------------------------------------------------------------------
+REQUEST_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "height", "width", "scheduler",
+                  "lora_names", "lora_scales", "lora_mode", "lora_deadline", "controlnet_names",
+                  "controlnet_images", "controlnet_scales")
+
+
+class DenoiserModel(ModelBase):
+    """The scheduler loop: UNet on this instance, ControlNets on the ControlNet model's, LoRAs merged in place."""
+
+    parts = ("text_encoder", "unet")  # the text encoder re-encodes prompts for text-encoder LoRA layers
+
+    def setup(self) -> None:
+        model = load_model(self.params["model"], self.device, self.dtype, parts=self.parts)
+        controlnet_outputs = model.engines["unet_decoder"].spec.inputs[1:-1]
+        controlnets = BlsControlNets(self.pb, self.params.get("controlnet_model", "controlnet"),
+                                     self.params["controlnet_catalog"], controlnet_outputs, self.device)
+        loras = LoraStore(self.params["lora_catalog"], model.weight_shapes, self.device, self.dtype)
+        self.pipeline = Pipeline(model, controlnets, loras, self.limits(),
+                                 float(self.params.get("lora_deadline_fraction", "0.2")))
+        self.metrics = LoraMetrics(self.pb, self.config["name"])
+
+    async def execute(self, requests):
+        return [await self._run(request) for request in requests]
+
+    def parse(self, request):
+        generation = request_from_tensors(self.inputs(request, REQUEST_FIELDS))
+        self.pipeline.check(generation)
+        return generation
+
+    async def _run(self, request):
+        try:
+            generation = self.parse(request)
+            embeddings = torch.from_numpy(self.pb.get_input_tensor_by_name(request, "text_embeddings").as_numpy()[0])
+            embeddings = embeddings.to(self.device, self.dtype)
+            if not uses_guidance(generation):
+                embeddings = embeddings[1:]
+            result = await self.pipeline.denoise(generation, embeddings)
+            self.metrics.record(generation, result)
+            return self.pb.InferenceResponse([self.tensor("latents", result.latents),
+                                              self.tensor(LORA_STEP_OUTPUT.name, np.array([[result.lora_step]],
+                                                                                          np.int32))])
+        except Exception as error:
+            return self.error(error)
+
+
+class StreamModel(DenoiserModel):
+    """Decoupled: one response per step (step, total_steps, elapsed_s), then one with the image."""
+
+    parts = ("text_encoder", "unet", "vae")
+
+    async def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                generation = self.parse(request)
+
+                def progress(step: int, total: int, elapsed: float) -> None:
+                    sender.send(self.pb.InferenceResponse([
+                        self.tensor("step", np.array([[step]], np.int32)),
+                        self.tensor("total_steps", np.array([[total]], np.int32)),
+                        self.tensor("elapsed_s", np.array([[elapsed]], np.float32))]))
+
+                result = await self.pipeline.denoise(generation, None, progress)
+                self.metrics.record(generation, result)
+                image = self.pipeline.decode(result.latents)[None]
+                final = self.pb.InferenceResponse([self.tensor(IMAGE_OUTPUT.name, image),
+                                                   self.tensor(LORA_STEP_OUTPUT.name,
+                                                               np.array([[result.lora_step]], np.int32))])
+            except Exception as error:
+                final = self.error(error)
+            sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None

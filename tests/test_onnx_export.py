@@ -1,0 +1,163 @@
+"""ONNX export of the tiny model: every graph against torch in onnxruntime, the files' names and dimensions, and LoRAs
+merged through the weight maps (exactly what the TensorRT refitter is given) against the torch engines' own merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from diffusers import ControlNetModel
+from onnx import numpy_helper
+
+from swiftdiffusion import onnx_export, tiny
+from swiftdiffusion.engines import LayerDelta, WeightPatch
+from swiftdiffusion.lora import build_patch, decode_lora
+from swiftdiffusion.models import load_components, torch_engines
+from swiftdiffusion.onnx_export import WeightEntry, WeightMap
+
+TOLERANCE = 1e-4
+GRAPHS = {"text_encoder", "unet", "unet_encoder", "unet_decoder", "vae_decoder", "controlnet_canny", "controlnet_depth"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tiny.build_model(tmp_path_factory.mktemp("tiny"), "tiny")
+    components = load_components(root / "model")
+    controlnets = {name: root / "controlnets" / name for name in tiny.CONTROLNET_NAMES}
+    manifest = onnx_export.export_model(components, controlnets, root / "onnx", log=lambda line: None)
+    return root, components, manifest
+
+
+def sources(components) -> dict[str, onnx_export.GraphSource]:
+    return {source.name: source for source in onnx_export.graph_sources(components, {})}
+
+
+def session(path: Path, replaced: dict[str, np.ndarray] | None = None) -> onnxruntime.InferenceSession:
+    """An onnxruntime session of an ONNX file, with some initializers replaced (the refit, done in onnxruntime)."""
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if replaced and init.name in replaced:
+            init.CopyFrom(numpy_helper.from_array(replaced[init.name], init.name))
+    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_every_graph_matches_torch_at_both_sizes_and_batches(exported):
+    _, _, manifest = exported
+    assert set(manifest["graphs"]) == GRAPHS and manifest["opset"] >= 17
+    for name, graph in manifest["graphs"].items():
+        checks = {(c["batch"], c["height"], c["width"]): c["max_abs_diff"] for c in graph["checks"]}
+        assert set(checks) == {(1, 8, 8), (2, 8, 8), (1, 12, 8), (2, 12, 8)}, name
+        assert max(checks.values()) <= TOLERANCE, (name, checks)
+
+
+def test_files_have_the_spec_names_and_the_manifest_dims(exported):
+    root, components, manifest = exported
+    controlnets = {name: ControlNetModel.from_pretrained(root / "controlnets" / name) for name in tiny.CONTROLNET_NAMES}
+    all_sources = {source.name: source for source in onnx_export.graph_sources(components, controlnets)}
+    for name, graph in manifest["graphs"].items():
+        source = all_sources[name]
+        model = onnx.load(str(root / "onnx" / graph["file"]))
+        assert model.opset_import[0].version == manifest["opset"]
+        assert [v.name for v in model.graph.input] == list(source.spec.inputs) == list(graph["inputs"])
+        assert [v.name for v in model.graph.output] == list(source.spec.outputs) == list(graph["outputs"])
+        # The manifest's dims, resolved at an odd latent size, are the shapes onnxruntime takes and gives.
+        inputs = onnx_export.sample_inputs(source, components, 2, 12, 8)
+        outputs = session(root / "onnx" / graph["file"]).run(None, {k: v.numpy() for k, v in inputs.items()})
+        for (info, tensor) in zip([*graph["inputs"].values(), *graph["outputs"].values()], [*inputs.values(), *outputs]):
+            assert tuple(onnx_export.resolve_dim(d, 2, 12, 8) for d in info["dims"]) == tuple(tensor.shape), name
+    assert manifest["graphs"]["unet"]["inputs"]["timestep"] == {"dims": [1], "dtype": "float32"}
+    assert manifest["graphs"]["text_encoder"]["inputs"]["input_ids"] == {"dims": ["batch", 77], "dtype": "int64"}
+
+
+def test_weight_maps_hold_every_lora_target(exported):
+    root, components, manifest = exported
+    maps = {name: WeightMap.load(root / "onnx" / graph["weights"])
+            for name, graph in manifest["graphs"].items() if "weights" in graph}
+    assert set(maps) == {"unet", "unet_encoder", "unet_decoder", "text_encoder"}
+    modules = {"unet": components.unet, "unet_encoder": components.unet, "unet_decoder": components.unet,
+               "text_encoder": components.text_encoder}
+    for name, weight_map in maps.items():
+        params = dict(modules[name].named_parameters())
+        # Every parameter is accounted for once: mapped, unused by this graph, or listed as unmappable.
+        groups = [set(weight_map.weights), set(weight_map.unused), set(weight_map.unmappable)]
+        assert sum(map(len, groups)) == len(params) and set().union(*groups) == set(params), name
+        # Each mapping is exact: the initializer is the parameter, laid out as its transform says.
+        stored = onnx_export.load_initializers(root / "onnx" / manifest["graphs"][name]["file"])
+        for param, entry in weight_map.weights.items():
+            value = params[param].detach().numpy()
+            value = value.T if entry.transform == "transpose" else value.reshape(stored[entry.initializer].shape)
+            assert np.array_equal(value, stored[entry.initializer]), (name, param)
+    unet_targets = {f"{m}.weight" for m in tiny.lora_targets(components.unet, tiny.UNET_LORA_SUFFIXES)}
+    text_targets = {f"{m}.weight" for m in tiny.lora_targets(components.text_encoder, tiny.TEXT_LORA_SUFFIXES)}
+    assert len(unet_targets) == 12 * 16 and len(text_targets) == 4 * 2
+    halves = set(maps["unet_encoder"].weights) | set(maps["unet_decoder"].weights)
+    assert unet_targets <= set(maps["unet"].weights) and unet_targets <= halves
+    assert text_targets <= set(maps["text_encoder"].weights)
+    for name, targets in (("unet", unet_targets), ("text_encoder", text_targets)):
+        initializers = [maps[name].weights[t].initializer for t in targets]
+        assert len(set(initializers)) == len(initializers), "two LoRA targets share an initializer"
+
+
+def test_lora_merged_through_weight_map_matches_torch(exported):
+    root, _, manifest = exported
+    components = load_components(root / "model")
+    loaded = torch_engines(components, "cpu", torch.float32)
+    data = (root / "loras" / "character_kohya.safetensors").read_bytes()
+    lora = decode_lora("character_kohya", data, loaded.weight_shapes)
+    assert lora.touches("unet") and lora.touches("text_encoder")
+    graph_sources = sources(components)
+    for name in ("text_encoder", "unet", "unet_encoder", "unet_decoder"):
+        graph = manifest["graphs"][name]
+        path = root / "onnx" / graph["file"]
+        weight_map = WeightMap.load(root / "onnx" / graph["weights"])
+        patch = build_patch(graph["component"], [(lora, 0.8)], torch.device("cpu"), torch.float32)
+        merged = onnx_export.refit_weights(weight_map, onnx_export.load_initializers(path), patch)
+        assert set(merged) == {weight_map.weights[p].initializer for p in patch.layers if p in weight_map.weights}
+        inputs = onnx_export.sample_inputs(graph_sources[name], components, 2, 12, 8)
+        feeds = {k: v.numpy() for k, v in inputs.items()}
+        before = session(path).run(None, feeds)
+        after = session(path, merged).run(None, feeds)
+        engine = loaded.engines[name]
+        engine.patch(patch)
+        try:
+            expected = engine(inputs)
+        finally:
+            engine.restore()
+        diff = max(float(np.abs(got - expected[out].numpy()).max()) for out, got in zip(graph["outputs"], after))
+        change = max(float(np.abs(a - b).max()) for a, b in zip(after, before))
+        assert diff <= TOLERANCE and change > 100 * TOLERANCE, (name, diff, change)
+
+
+def test_refit_weights_lays_out_each_transform_and_refuses_what_it_cannot_patch():
+    weight_map = WeightMap(
+        weights={"lin.weight": WeightEntry("onnx::MatMul_7", "transpose", (3, 2)),
+                 "conv.weight": WeightEntry("conv.weight", "none", (3, 2, 1, 1)),
+                 "norm.weight": WeightEntry("onnx::Mul_9", "reshape", (3,)),
+                 "a.weight": WeightEntry("shared", "none", (3, 2)), "b.weight": WeightEntry("shared", "none", (3, 2))},
+        unused=["other.weight"], unmappable={"folded.weight": "no initializer holds its value"})
+    lin, conv, norm = torch.randn(3, 2), torch.randn(3, 2, 1, 1), torch.randn(3)
+    pristine = {"onnx::MatMul_7": lin.T.numpy().copy(), "conv.weight": conv.numpy(),
+                "onnx::Mul_9": norm.reshape(3, 1, 1).numpy(), "shared": np.zeros((3, 2), np.float32)}
+    up, down = torch.randn(3, 1), torch.randn(1, 2)
+    delta = LayerDelta(up, down)
+    patch = WeightPatch(("x",), {"lin.weight": delta, "conv.weight": delta, "other.weight": delta,
+                                 "norm.weight": LayerDelta(up, torch.ones(1, 1))})
+    merged = onnx_export.refit_weights(weight_map, pristine, patch)
+    assert set(merged) == {"onnx::MatMul_7", "conv.weight", "onnx::Mul_9"}
+    torch.testing.assert_close(torch.from_numpy(merged["onnx::MatMul_7"]), (lin + up @ down).T)
+    torch.testing.assert_close(torch.from_numpy(merged["conv.weight"]), conv + (up @ down)[:, :, None, None])
+    torch.testing.assert_close(torch.from_numpy(merged["onnx::Mul_9"]), (norm + up[:, 0]).reshape(3, 1, 1))
+    for bad, message in (("folded.weight", "no initializer"), ("a.weight", "also holds"), ("nope.weight", "not a weight")):
+        with pytest.raises(ValueError, match=message):
+            onnx_export.refit_weights(weight_map, pristine, WeightPatch(("y",), {bad: delta}))
+
+
+def test_resolve_dim():
+    assert [onnx_export.resolve_dim(d, 2, 12, 9) for d in (4, "batch", "height", "width/2", "height/8", "width*8")] \
+        == [4, 2, 12, 5, 2, 72]
+    with pytest.raises(ValueError):
+        onnx_export.resolve_dim("depth", 1, 8, 8)
