@@ -37,3 +37,31 @@ def control_image(seed: int, height: int = 64, width: int = 64) -> np.ndarray:
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.fixture(scope="session")
+def server(tiny_root, tmp_path_factory):
+    """One real tritonserver on free local ports over the tiny model, for every end-to-end test."""
+    from swiftdiffusion.serve import SHM_ARGS
+    from swiftdiffusion.triton.launcher import TritonServer, free_ports
+    from swiftdiffusion.triton.repository import Deployment, write_repository
+
+    repository = write_repository(tmp_path_factory.mktemp("repository"), Deployment(
+        model=tiny_root / "model", controlnet_catalog=tiny_root / "controlnets", lora_catalog=str(tiny_root / "loras"),
+        controlnet_instances=2, torch_threads=1, resident_controlnets=1))
+    triton = TritonServer()
+    triton.start(repository, free_ports(3), extra_args=SHM_ARGS, log_file=repository / "server.log")
+    try:
+        triton.wait_ready(timeout=600)
+        yield triton
+    finally:
+        triton.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from swiftdiffusion.client import Client
+
+    client = Client(server.grpc_url)
+    yield client
+    client.close()

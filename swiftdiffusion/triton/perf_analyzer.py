@@ -15,6 +15,9 @@ import subprocess
 from pathlib import Path
 from typing import Sequence
 
+from ..request import GenerationRequest
+from ..schema import tensors_from_request
+
 DEFAULT_LIB_DIR = Path.home() / ".cache" / "swiftdiffusion" / "perf_analyzer_libs"
 # plain soname perf_analyzer asks for -> glob of the hashed file in nvidia_pytriton.libs
 _LIBS = {"libb64.so.0d": "libb64-*.so.0d", "libcudart.so.12": "libcudart-*.so.12*"}
@@ -110,3 +113,19 @@ def run_perf_analyzer(
             f"perf_analyzer exited with code {result.returncode}: {' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+def input_data(requests: Sequence[GenerationRequest]) -> dict:
+    """perf_analyzer's `--input-data` JSON for `text_to_image`: one entry per request, cycled through.
+
+    perf_analyzer adds the batch dimension itself (batch size 1), so shapes here omit it.
+    """
+    entries = []
+    for request in requests:
+        entry = {}
+        for name, array in tensors_from_request(request).items():
+            array = array[0]
+            content = [v.decode() for v in array.reshape(-1)] if array.dtype == object else array.reshape(-1).tolist()
+            entry[name] = {"content": content, "shape": list(array.shape)}
+        entries.append(entry)
+    return {"data": entries}

@@ -1,0 +1,693 @@
+"""GPU benchmark: swiftdiffusion (eager and CUDA-graphed engines) against diffusers' own pipelines, plus device
+checks of graph replay.
+
+One run builds an SD1.5-shaped model with random weights on local disk (full SD1.5 widths, two ControlNets,
+rank-64 LoRAs in kohya and PEFT formats), then for each case (0, 1, 2 ControlNets with as many cold LoRAs) runs
+  diffusers        StableDiffusion(ControlNet)Pipeline; per request load_lora_weights + set_adapters + fuse_lora,
+                   generate, unfuse_lora + unload_lora_weights: how a typical deployment serves LoRAs;
+  ours_<engines>_<mode>  swiftdiffusion's Pipeline, eager or graphed engines, LoRA mode sync or bounded,
+and records the median of N timed runs after warm-up, per-graph times per call (CUDA events), per-step wall
+time, peak GPU memory, LoRA load times, graph capture times and the ratios diffusers/ours.
+
+A "cold" LoRA is a new hard link of the file, under a name no cache has seen, whose pages were just dropped
+from the page cache. The JSON is rewritten after every section and case; a failing case records its error.
+
+    python perf/gpu_bench.py --out $OUT/gpu_bench.json        # GPU: SD1.5 shapes, fp16, 512x512, 50 steps, N=3
+    python perf/gpu_bench.py --dry-run --out /tmp/dry.json     # CPU: tiny model, fp32, 64x64, 4 steps, N=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline,  # noqa: E402
+                       StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from swiftdiffusion import tiny  # noqa: E402
+from swiftdiffusion.controlnets import ControlNetCatalog, LocalControlNets  # noqa: E402
+from swiftdiffusion.cuda_graphs import GraphedControlNetCatalog, GraphedEngine, graph_engines, graphed  # noqa: E402
+from swiftdiffusion.engines import TorchEngine  # noqa: E402
+from swiftdiffusion.graphs import UNetDecoder, UNetEncoder  # noqa: E402
+from swiftdiffusion.lora_store import LoraStore  # noqa: E402
+from swiftdiffusion.models import LoadedModel, load_components, torch_engines  # noqa: E402
+from swiftdiffusion.pipeline import Pipeline  # noqa: E402
+from swiftdiffusion.request import ControlNetUse, GenerationRequest, LoraUse  # noqa: E402
+
+SD15 = tiny.ModelSize(unet_channels=(320, 640, 1280, 1280), norm_groups=32, text_width=768, text_layers=12,
+                      vae_channels=(128, 256, 512, 512), vae_layers=2, controlnet_embedding=(16, 32, 96, 256),
+                      lora_rank=64)
+CASES = {"0C/0L": 0, "1C/1L": 1, "2C/2L": 2}  # case -> number of ControlNets and of LoRAs
+CONTROLS = (("canny", 1.0), ("depth", 0.6))
+LORAS = (("character_kohya", 0.8), ("style_peft", 0.5))  # kohya (UNet + text encoder), PEFT (UNet + text encoder)
+PROMPT, NEGATIVE, SEED = "a photograph of an astronaut riding a horse", "blurry, low quality", 42
+TOLERANCE = {"max_abs": 8, "mean_abs": 1.0}  # graph replay against eager, in 1/255 of the uint8 image
+START = time.perf_counter()
+LINKS = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    device: str
+    dtype: torch.dtype
+    size: int
+    steps: int
+    check_steps: int
+    runs: int
+    warmup: int
+    probe_iters: int
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+
+def say(message: str) -> None:
+    print(f"[{time.perf_counter() - START:7.1f}s] {message}", flush=True)
+
+
+# ---- model on disk ---------------------------------------------------------------------------------------------
+def build_sd15(out: Path, device: str) -> Path:
+    """tiny.build_model's layout at SD1.5 widths, stored in fp16. The VAE (32 norm groups) and the text encoder
+    (12 heads, SD1.5's vocabulary size) are built here since tiny.py fixes those to its small sizes."""
+    marker = out / "swiftdiffusion.json"
+    if marker.exists() and json.loads(marker.read_text()) == {"size": "sd15", "seed": 0}:
+        return out
+    torch.manual_seed(0)
+    tokenizer = tiny.build_tokenizer()
+    with torch.device(device):  # random init on the GPU: seconds instead of a minute on the CPU
+        unet = tiny.build_unet(SD15)
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=SD15.vae_channels, layers_per_block=SD15.vae_layers, latent_channels=4,
+                            norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=tiny.TEXT_LENGTH, hidden_act="quick_gelu", projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+        controlnets = {name: tiny.build_controlnet(unet, SD15) for name in tiny.CONTROLNET_NAMES}
+    tiny.write_loras(out / "loras", unet, text_encoder, SD15.lora_rank, seed=0)
+    model_dir = out / "model"
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        module.half().save_pretrained(model_dir / name)
+    for name, controlnet in controlnets.items():
+        controlnet.half().save_pretrained(out / "controlnets" / name)
+    tokenizer.save_pretrained(model_dir / "tokenizer")
+    (model_dir / "scheduler").mkdir(exist_ok=True)
+    (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(tiny.SCHEDULER_CONFIG))
+    (model_dir / "model_index.json").write_text(json.dumps(tiny.MODEL_INDEX))
+    marker.write_text(json.dumps({"size": "sd15", "seed": 0}))
+    return out
+
+
+def evict(path: Path) -> None:
+    """Drops the file's pages from the page cache (written back first: dirty pages would stay)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def cold_loras(root: Path, uses: tuple[LoraUse, ...]):
+    """The same LoRAs under fresh names (hard links: no bytes written), evicted from the page cache."""
+    fresh, paths = [], []
+    for use in uses:
+        name = f"{use.name}_{next(LINKS)}"
+        path = root / "loras" / f"{name}.safetensors"
+        os.link(root / "loras" / f"{use.name}.safetensors", path)
+        evict(path)
+        fresh.append(LoraUse(name, use.scale))
+        paths.append(path)
+    try:
+        yield tuple(fresh)
+    finally:
+        for path in paths:
+            path.unlink()
+
+
+def lora_read_check(root: Path) -> dict:
+    """Read time of each LoRA file right after eviction and again (page cache): shows whether eviction works."""
+    result = {}
+    for name, _ in LORAS:
+        path = root / "loras" / f"{name}.safetensors"
+        evict(path)
+        begin = time.perf_counter()
+        size = len(path.read_bytes())
+        cold = time.perf_counter() - begin
+        begin = time.perf_counter()
+        path.read_bytes()
+        result[name] = {"bytes": size, "cold_read_s": cold, "hot_read_s": time.perf_counter() - begin}
+    return result
+
+
+# ---- timing ----------------------------------------------------------------------------------------------------
+class Timings:
+    """Per-graph call times: CUDA events (read once the run is over) on a GPU, wall clock on a CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.marks: dict[str, list] = collections.defaultdict(list)
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, name: str, start) -> None:
+        self.marks[name].append((start, self.start()))
+
+    def medians_ms(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        elapsed = (lambda a, b: a.elapsed_time(b)) if self.cuda else (lambda a, b: (b - a) * 1e3)
+        return {name: statistics.median(elapsed(a, b) for a, b in pairs) for name, pairs in self.marks.items()}
+
+
+class TimedEngine:
+    """An engine that records the time of each call under its graph name."""
+
+    def __init__(self, engine, name: str, timings: Timings):
+        self.engine, self.name, self.timings, self.spec = engine, name, timings, engine.spec
+
+    def __call__(self, inputs):
+        start = self.timings.start()
+        outputs = self.engine(inputs)
+        self.timings.stop(self.name, start)
+        return outputs
+
+    def patch(self, patch) -> None:
+        self.engine.patch(patch)
+
+    def restore(self) -> None:
+        self.engine.restore()
+
+
+class TimedControlNets(LocalControlNets):
+    def __init__(self, catalog: ControlNetCatalog, timings: Timings):
+        super().__init__(catalog)
+        self.timings = timings
+
+    def submit(self, name, inputs):
+        start = self.timings.start()
+        future = super().submit(name, inputs)
+        self.timings.stop("controlnet", start)
+        return future
+
+
+class TimedLoraStore(LoraStore):
+    """Records how long each LoRA set took to read and decode (in the background in bounded mode)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.load_s: list[float] = []
+
+    def load(self, uses):
+        begin = time.perf_counter()
+        result = super().load(uses)
+        self.load_s.append(time.perf_counter() - begin)
+        return result
+
+
+def time_module(module: torch.nn.Module, name: str, timings: Timings) -> None:
+    starts = []
+    module.register_forward_pre_hook(lambda _module, _args: starts.append(timings.start()))
+    module.register_forward_hook(lambda _module, _args, _out: timings.stop(name, starts.pop()))
+
+
+def step_wall_ms(stamps: list[float]) -> float | None:
+    return statistics.median(np.diff(stamps)) * 1e3 if len(stamps) > 1 else None
+
+
+def call_ms(fn: Callable[[], object], settings: Settings) -> float:
+    """Median time of one call after warm-up, CUDA events on a GPU."""
+    timings = Timings(settings.cuda)
+    for _ in range(3 if settings.cuda else 1):
+        fn()
+    for _ in range(settings.probe_iters):
+        start = timings.start()
+        fn()
+        timings.stop("call", start)
+    return timings.medians_ms()["call"]
+
+
+def synced_s(fn: Callable[[], object], cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - begin
+
+
+def mb(value: int) -> float:
+    return round(value / 2**20, 1)
+
+
+# ---- requests --------------------------------------------------------------------------------------------------
+def control_image(seed: int, size: int) -> np.ndarray:
+    blocks = np.random.default_rng(seed).integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+    return np.ascontiguousarray(blocks.repeat(8, axis=0).repeat(8, axis=1))
+
+
+def make_request(settings: Settings, controls: int, loras: int, mode: str = "sync",
+                 steps: int | None = None) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps or settings.steps, guidance_scale=7.5,
+        height=settings.size, width=settings.size, scheduler="ddim", lora_mode=mode,
+        controlnets=tuple(ControlNetUse(name, control_image(i, settings.size), scale)
+                          for i, (name, scale) in enumerate(CONTROLS[:controls])),
+        loras=tuple(LoraUse(name, scale) for name, scale in LORAS[:loras]))
+
+
+def image_stats(image: np.ndarray) -> dict:
+    return {"mean": float(image.mean()), "std": float(image.std())}
+
+
+def image_diff(a: np.ndarray, b: np.ndarray) -> dict:
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return {"max_abs": int(diff.max()), "mean_abs": float(diff.mean())}
+
+
+def within_tolerance(diff: dict) -> bool:
+    return diff["max_abs"] <= TOLERANCE["max_abs"] and diff["mean_abs"] <= TOLERANCE["mean_abs"]
+
+
+# ---- the two systems -------------------------------------------------------------------------------------------
+class Diffusers:
+    """diffusers' pipelines over their own copy of the weights; LoRAs loaded, fused, unfused and unloaded per request."""
+
+    def __init__(self, root: Path, settings: Settings):
+        self.root, self.settings = root, settings
+        self.timings = Timings(settings.cuda)
+        model, kwargs = root / "model", dict(torch_dtype=settings.dtype, local_files_only=True)
+        self.unet = UNet2DConditionModel.from_pretrained(model / "unet", **kwargs).to(settings.device)
+        self.common = dict(
+            unet=self.unet,
+            vae=AutoencoderKL.from_pretrained(model / "vae", **kwargs).to(settings.device),
+            text_encoder=CLIPTextModel.from_pretrained(model / "text_encoder", **kwargs).to(settings.device),
+            tokenizer=CLIPTokenizer.from_pretrained(model / "tokenizer", local_files_only=True),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        self.controlnets = {name: ControlNetModel.from_pretrained(root / "controlnets" / name, **kwargs)
+                            .to(settings.device) for name, _ in CONTROLS}
+        self.scheduler_config = DDIMScheduler.load_config(model / "scheduler", local_files_only=True)
+        time_module(self.unet, "unet", self.timings)
+        for controlnet in self.controlnets.values():
+            time_module(controlnet, "controlnet", self.timings)
+
+    def pipeline(self, request: GenerationRequest):
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        if request.controlnets:
+            multi = MultiControlNetModel([self.controlnets[c.name] for c in request.controlnets])
+            pipe = StableDiffusionControlNetPipeline(controlnet=multi, scheduler=scheduler, **self.common)
+        else:
+            pipe = StableDiffusionPipeline(scheduler=scheduler, **self.common)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def run(self, pipe, request: GenerationRequest) -> dict:
+        kwargs = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, height=request.height,
+                      width=request.width, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+                      generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np")
+        if request.controlnets:
+            kwargs.update(image=[Image.fromarray(c.image) for c in request.controlnets],
+                          controlnet_conditioning_scale=[c.scale for c in request.controlnets])
+        stamps: list[float] = []
+
+        def on_step(_pipe, _index, _t, callback_kwargs):
+            stamps.append(time.perf_counter())
+            return callback_kwargs
+
+        names = [lora.name for lora in request.loras]
+        begin = time.perf_counter()
+        for lora in request.loras:
+            pipe.load_lora_weights(str(self.root / "loras" / f"{lora.name}.safetensors"), adapter_name=lora.name)
+        if names:
+            pipe.set_adapters(names, adapter_weights=[lora.scale for lora in request.loras])
+            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        loaded = time.perf_counter()
+        image = pipe(**kwargs, callback_on_step_end=on_step).images[0]
+        done = time.perf_counter()
+        if names:
+            pipe.unfuse_lora()
+            pipe.unload_lora_weights()
+        end = time.perf_counter()
+        return {"seconds": end - begin, "latency_s": done - begin, "lora_load_s": loaded - begin,
+                "lora_unload_s": end - done, "step_wall_ms": step_wall_ms(stamps), "finite": bool(np.isfinite(image).all()),
+                "image": (np.nan_to_num(image) * 255).round().astype(np.uint8)}
+
+
+@dataclasses.dataclass
+class Ours:
+    """swiftdiffusion's pipeline over one set of engines (eager or graphed), timed per graph."""
+
+    pipeline: Pipeline
+    store: TimedLoraStore
+    timings: Timings
+    model: LoadedModel
+    catalog: ControlNetCatalog
+
+    @classmethod
+    def create(cls, root: Path, model: LoadedModel, catalog: ControlNetCatalog, settings: Settings) -> Ours:
+        timings = Timings(settings.cuda)
+        timed = dataclasses.replace(model, engines={n: TimedEngine(e, n, timings) for n, e in model.engines.items()})
+        store = TimedLoraStore(root / "loras", model.weight_shapes, model.device, model.dtype)
+        return cls(Pipeline(timed, TimedControlNets(catalog, timings), store), store, timings, model, catalog)
+
+    def run(self, request: GenerationRequest, exact_lora_step: int | None = None) -> dict:
+        stamps: list[float] = []
+        self.store.load_s.clear()
+        begin = time.perf_counter()
+        result = self.pipeline.generate(request, lambda _done, _total, seconds: stamps.append(seconds),
+                                        exact_lora_step)
+        seconds = time.perf_counter() - begin
+        return {"seconds": seconds, "latency_s": seconds, "lora_load_s": sum(self.store.load_s),
+                "lora_step": result.lora_step, "lora_wait_s": result.lora_wait_s,
+                "step_wall_ms": step_wall_ms(stamps), "image": result.image}
+
+    def capture_s(self) -> dict[str, float]:
+        engines = {**self.model.engines, **{f"controlnet:{n}": e for n, e in self.catalog.cache.entries.items()}}
+        return {name: round(sum(e.capture_s.values()), 3) for name, e in engines.items()
+                if isinstance(e, GraphedEngine) and e.capture_s}
+
+    def capture_failures(self) -> dict[str, list[str]]:
+        engines = {**self.model.engines, **{f"controlnet:{n}": e for n, e in self.catalog.cache.entries.items()}}
+        return {name: list(e.failures.values()) for name, e in engines.items()
+                if isinstance(e, GraphedEngine) and e.failures}
+
+
+def measure(run_once: Callable[[], dict], timings: Timings, settings: Settings) -> dict:
+    """Warm-up runs, then `runs` timed ones: medians, per-graph call times, peak GPU memory, the last image."""
+    warmup_s = [run_once()["seconds"] for _ in range(settings.warmup)]
+    timings.marks.clear()
+    if settings.cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
+    runs = [run_once() for _ in range(settings.runs)]
+    result = {"warmup_s": warmup_s, "runs_s": [r["seconds"] for r in runs]}
+    for key in runs[0]:
+        values = [r[key] for r in runs if isinstance(r[key], (int, float)) and not isinstance(r[key], bool)]
+        if values and key != "image":
+            result[f"median_{key}" if key != "seconds" else "median_s"] = statistics.median(values)
+    result["graph_ms"] = timings.medians_ms()
+    if settings.cuda:
+        peak = torch.cuda.max_memory_allocated()
+        result.update(peak_allocated_mb=mb(peak), resident_mb=mb(resident), peak_extra_mb=mb(peak - resident),
+                      reserved_mb=mb(torch.cuda.memory_reserved()))
+    result["finite"] = all(r.get("finite", True) for r in runs)
+    result["image"] = image_stats(runs[-1]["image"])
+    result["_image"] = runs[-1]["image"]
+    return result
+
+
+# ---- sections --------------------------------------------------------------------------------------------------
+def device_checks(eager: Ours, graphed_: Ours, root: Path, settings: Settings) -> dict:
+    """Graph replay against eager on whole images: plain, LoRA patched before encoding, patched between two
+    replays mid-denoise, then restored (image and every UNet/text-encoder weight identical to before)."""
+    weights = [eager.model.engines["unet"].weights, eager.model.engines["text_encoder"].weights]
+    w0 = [{name: p.detach().clone() for name, p in w.params.items()} for w in weights]
+    steps = settings.check_steps
+    plain = make_request(settings, 1, 0, steps=steps)
+    checks: dict = {"tolerance": TOLERANCE, "steps": steps}
+
+    def compare(label: str, request: GenerationRequest, exact_lora_step: int | None = None) -> np.ndarray:
+        with cold_loras(root, request.loras) as uses:
+            request = dataclasses.replace(request, loras=uses)
+            reference = eager.run(request, exact_lora_step)["image"]
+            replayed = graphed_.run(request, exact_lora_step)["image"]
+        diff = image_diff(replayed, reference)
+        checks[label] = {**diff, "pass": within_tolerance(diff)}
+        say(f"check {label}: {checks[label]}")
+        return replayed
+
+    first = compare("1C/0L", plain)
+    patched = compare("1C/1L sync", make_request(settings, 1, 1, "sync", steps))
+    compare("0C/1L sync", make_request(settings, 0, 1, "sync", steps))
+    compare("1C/1L patched between replays", make_request(settings, 1, 1, "bounded", steps), steps // 2)
+    checks["lora_changes_image"] = image_diff(patched, first)
+    again = graphed_.run(plain)["image"]
+    checks["restored_image_identical"] = bool(np.array_equal(again, first))
+    checks["restored_weights_identical"] = all(torch.equal(p, w0[i][name]) for i, w in enumerate(weights)
+                                               for name, p in w.params.items())
+    checks["all_pass"] = (all(v["pass"] for v in checks.values() if isinstance(v, dict) and "pass" in v)
+                          and checks["restored_image_identical"] and checks["restored_weights_identical"]
+                          and checks["lora_changes_image"]["max_abs"] > TOLERANCE["max_abs"])
+    checks["capture_s"] = graphed_.capture_s()
+    checks["capture_failures"] = graphed_.capture_failures()
+    return checks
+
+
+def run_case(case: str, diffusers_: Diffusers, ours: dict[str, Ours], root: Path, settings: Settings,
+             save: Callable[[], None], results: dict) -> None:
+    count = CASES[case]
+    entry = results["cases"].setdefault(case, {})
+    modes = ("sync", "bounded") if count else ("sync",)
+    systems: dict[str, Callable[[GenerationRequest], dict]] = {}
+    pipe = None
+
+    def diffusers_run(request):
+        nonlocal pipe
+        if pipe is None:
+            pipe = diffusers_.pipeline(request)
+        return diffusers_.run(pipe, request)
+
+    systems["diffusers"] = diffusers_run
+    for variant, system in ours.items():
+        for mode in modes:
+            name = f"ours_{variant}_{mode}" if count else f"ours_{variant}"
+            systems[name] = lambda request, system=system, mode=mode: system.run(
+                dataclasses.replace(request, lora_mode=mode))
+    images = {}
+    for name, run in systems.items():
+        say(f"case {case}: {name}")
+        request = make_request(settings, count, count)
+        timings = diffusers_.timings if name == "diffusers" else ours[name.split("_")[1]].timings
+
+        def run_once():
+            with cold_loras(root, request.loras) as uses:
+                return run(dataclasses.replace(request, loras=uses))
+
+        try:
+            capture_before = sum(ours["graphed"].capture_s().values())
+            entry[name] = measure(run_once, timings, settings)
+            if "graphed" in name:
+                entry[name]["capture_s_during"] = sum(ours["graphed"].capture_s().values()) - capture_before
+            images[name] = entry[name].pop("_image")
+        except Exception as error:  # noqa: BLE001 - one failure must not lose the other systems
+            entry[name] = {"error": repr(error), "traceback": traceback.format_exc()}
+            say(f"case {case}: {name} FAILED: {error!r}")
+        else:
+            say(f"case {case}: {name} median {entry[name]['median_s']:.3f}s graphs {entry[name]['graph_ms']}")
+        if name != "diffusers" and "median_s" in entry.get("diffusers", {}) and "median_s" in entry[name]:
+            entry.setdefault("ratios", {})[name] = entry["diffusers"]["median_s"] / entry[name]["median_s"]
+            entry.setdefault("ratios_latency", {})[name] = (entry["diffusers"]["median_latency_s"]
+                                                            / entry[name]["median_latency_s"])
+        if "diffusers" in images and name in images and name.endswith(("sync", "eager", "graphed")):
+            entry[name]["vs_diffusers"] = image_diff(images[name], images["diffusers"])
+        save()
+
+
+def step_probe(ours: dict[str, Ours], root: Path, settings: Settings) -> dict:
+    """Each graph alone, per call (CFG batch 2), eager against graphed; LoRA patch and restore times."""
+    model, graphed_model = ours["eager"].model, ours["graphed"].model
+    inputs = probe_inputs(model, settings)
+    result: dict = {}
+    for name in ("unet", "unet_encoder", "unet_decoder", "text_encoder", "vae_decoder"):
+        result[name] = {variant: call_ms(lambda m=m: m.engines[name](inputs[name]), settings)
+                        for variant, m in (("eager", model), ("graphed", graphed_model))}
+    result["controlnet"] = {variant: call_ms(lambda o=o: o.catalog.get("canny")(inputs["controlnet"]), settings)
+                            for variant, o in ours.items()}
+    lora_set = ours["eager"].store.load([LoraUse(name, scale) for name, scale in LORAS])
+    unet, text = model.engines["unet"], model.engines["text_encoder"]
+    patch_s, restore_s = [], []
+    for _ in range(3):
+        patch_s.append(synced_s(lambda: (unet.patch(lora_set.unet), text.patch(lora_set.text_encoder)), settings.cuda))
+        restore_s.append(synced_s(lambda: (unet.restore(), text.restore()), settings.cuda))
+    result["lora_patch_ms"] = {"two_loras_unet_and_text": statistics.median(patch_s) * 1e3,
+                               "restore": statistics.median(restore_s) * 1e3, "layers": len(lora_set.unet.layers)
+                               + len(lora_set.text_encoder.layers), "first_patch_ms": patch_s[0] * 1e3}
+    return result
+
+
+def probe_inputs(model: LoadedModel, settings: Settings) -> dict[str, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(settings.device, settings.dtype)
+
+    latent = settings.size // model.vae_scale_factor
+    text = rand(2, tiny.TEXT_LENGTH, model.unet_config["cross_attention_dim"])
+    unet = {"sample": rand(2, model.latent_channels, latent, latent),
+            "timestep": torch.tensor([500.0], device=settings.device), "encoder_hidden_states": text}
+    hidden = model.engines["unet_encoder"](unet)
+    ids = torch.randint(0, len(model.tokenizer), (2, tiny.TEXT_LENGTH), generator=generator).to(settings.device)
+    return {"unet": unet, "unet_encoder": unet, "unet_decoder": {**hidden, "encoder_hidden_states": text},
+            "text_encoder": {"input_ids": ids}, "vae_decoder": {"latent": rand(1, model.latent_channels, latent, latent)},
+            "controlnet": {**unet, "controlnet_cond": rand(2, 3, settings.size, settings.size)}}
+
+
+def compile_probe(ours: dict[str, Ours], settings: Settings) -> dict:
+    """torch.compile (default mode) of the two UNet halves: compile time, then per-call time eager and graphed."""
+    model = ours["eager"].model
+    inputs = probe_inputs(model, settings)
+    unet = model.engines["unet"].module.unet
+    result = {}
+    for name, wrapper in (("unet_encoder", UNetEncoder), ("unet_decoder", UNetDecoder)):
+        engine = TorchEngine(torch.compile(wrapper(unet)), model.engines[name].spec, model.engines[name].weights)
+        compile_s = synced_s(lambda: engine(inputs[name]), settings.cuda)
+        replayed = GraphedEngine(engine)
+        result[name] = {"compile_s": compile_s, "compiled_ms": call_ms(lambda: engine(inputs[name]), settings),
+                        "compiled_graphed_ms": call_ms(lambda: replayed(inputs[name]), settings)}
+    return result
+
+
+def channels_last_probe(ours: dict[str, Ours], settings: Settings) -> dict:
+    """Per-call times with channels_last weights. Last section: converting the weights invalidates the graphs
+    captured so far, so fresh GraphedEngines are made here and the earlier ones are not used again."""
+    model = ours["eager"].model
+    inputs = probe_inputs(model, settings)
+    converted = graph_engines(model, channels_last=True)
+    controlnet = graphed(ours["eager"].catalog.get("canny"), channels_last=True)
+    result = {}
+    for name in ("unet", "unet_encoder", "unet_decoder"):
+        result[name] = {"eager": call_ms(lambda: model.engines[name](inputs[name]), settings),
+                        "graphed": call_ms(lambda: converted.engines[name](inputs[name]), settings)}
+    result["controlnet"] = {"eager": call_ms(lambda: controlnet.engine(inputs["controlnet"]), settings),
+                            "graphed": call_ms(lambda: controlnet(inputs["controlnet"]), settings)}
+    return result
+
+
+def attention_processors(module: torch.nn.Module) -> dict[str, int]:
+    return dict(collections.Counter(type(p).__name__ for p in module.attn_processors.values()))
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_out = Path(os.environ["OUT"]) / "gpu_bench.json" if os.environ.get("OUT") else None
+    parser.add_argument("--out", type=Path, default=default_out, required=default_out is None)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, fp32, 64x64, 4 steps, N=1")
+    parser.add_argument("--root", type=Path, default=Path("/tmp/sd15"), help="where the SD1.5-shaped model is built")
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the UNet halves")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    if args.dry_run:
+        settings = Settings("cpu", torch.float32, 64, 4, 2, runs=1, warmup=0, probe_iters=1)
+        torch.set_num_threads(1)  # the tiny model gains nothing from more, and CI machines are shared
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device: use --dry-run on a CPU machine")
+        settings = Settings("cuda", {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype], args.size,
+                            args.steps, 20, args.runs, warmup=1, probe_iters=20)
+    results: dict = {"settings": {**dataclasses.asdict(settings), "dtype": str(settings.dtype), "cases": args.cases,
+                                  "scheduler": "ddim", "guidance_scale": 7.5, "dry_run": args.dry_run},
+                     "env": {"python": sys.version.split()[0], "torch": torch.__version__,
+                             "diffusers": diffusers.__version__, "numpy": np.__version__,
+                             "device": torch.cuda.get_device_name() if settings.cuda else "cpu"},
+                     "cases": {}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        temporary = args.out.with_suffix(".tmp")
+        temporary.write_text(json.dumps(results, indent=2, default=str))
+        temporary.replace(args.out)
+
+    def section(name: str, fn: Callable[[], object]) -> object:
+        say(f"{name} ...")
+        begin = time.perf_counter()
+        try:
+            results[name] = fn()
+        except Exception as error:  # noqa: BLE001 - record and go on with the next section
+            results[name] = {"error": repr(error), "traceback": traceback.format_exc()}
+            say(f"{name} FAILED: {error!r}")
+        results.setdefault("section_s", {})[name] = time.perf_counter() - begin
+        save()
+        return results[name]
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch) / "tiny" if args.dry_run else args.root
+
+        def build() -> dict:
+            if args.dry_run:
+                tiny.build_model(root, "tiny")
+            else:
+                build_sd15(root, settings.device)
+            return {"root": str(root), "lora_files": lora_read_check(root)}
+
+        section("build", build)
+        state: dict = {}
+
+        def load() -> dict:
+            model = torch_engines(load_components(root / "model"), settings.device, settings.dtype)
+            state["ours"] = {
+                "eager": Ours.create(root, model, ControlNetCatalog(root / "controlnets", settings.device,
+                                                                    settings.dtype), settings),
+                "graphed": Ours.create(root, graph_engines(model), GraphedControlNetCatalog(
+                    root / "controlnets", settings.device, settings.dtype), settings)}
+            state["diffusers"] = Diffusers(root, settings)
+            unet = model.engines["unet"].module.unet
+            return {"attention_processors": {"ours_unet": attention_processors(unet),
+                                             "diffusers_unet": attention_processors(state["diffusers"].unet)},
+                    "unet_parameters": sum(p.numel() for p in unet.parameters()),
+                    "allocated_mb": mb(torch.cuda.memory_allocated()) if settings.cuda else None}
+
+        section("load", load)
+        if "ours" not in state or "diffusers" not in state:
+            return 1
+        ours = state["ours"]
+        section("checks", lambda: device_checks(ours["eager"], ours["graphed"], root, settings))
+        for case in args.cases:
+            run_case(case, state["diffusers"], ours, root, settings, save, results)
+        section("step_probe", lambda: step_probe(ours, root, settings))
+        if args.compile:
+            section("compile", lambda: compile_probe(ours, settings))
+        section("channels_last_probe", lambda: channels_last_probe(ours, settings))
+    results["summary"] = {"checks_all_pass": results.get("checks", {}).get("all_pass"), **{
+        case: {"median_s": {n: v.get("median_s") for n, v in entry.items() if n.startswith(("diffusers", "ours"))},
+               "ratios": entry.get("ratios", {})} for case, entry in results["cases"].items()}}
+    save()
+    say(json.dumps(results["summary"], indent=2))
+    say(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
