@@ -130,13 +130,23 @@ def build_patch(
             per_layer.setdefault(weight, []).append((down, up * scale))
     layers = {
         weight: LayerDelta(
-            up=torch.cat([up for _, up in pairs], dim=1).to(device, dtype),
-            down=torch.cat([down for down, _ in pairs], dim=0).to(device, dtype),
+            up=_to_device(torch.cat([up for _, up in pairs], dim=1), device, dtype),
+            down=_to_device(torch.cat([down for down, _ in pairs], dim=0), device, dtype),
         )
         for weight, pairs in per_layer.items()
     }
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # the copies are done before the patch is handed over
     key = tuple((lora.name, float(scale)) for lora, scale in loras)
     return WeightPatch(key=key, layers=layers)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Host factors to the engine's device; through pinned memory on a GPU, so the copy is a plain DMA."""
+    tensor = tensor.to(dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 def weight_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
