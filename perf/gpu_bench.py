@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -302,10 +303,10 @@ def within_tolerance(diff: dict) -> bool:
 
 # ---- the two systems -------------------------------------------------------------------------------------------
 class Diffusers:
-    """diffusers' pipelines over their own copy of the weights; LoRAs loaded, fused, unfused and unloaded per request."""
+    """diffusers' pipelines over their own copy of the weights; per request LoRAs loaded, fused, unfused, unloaded."""
 
     def __init__(self, root: Path, settings: Settings):
-        self.root, self.settings = root, settings
+        self.root = root
         self.timings = Timings(settings.cuda)
         model, kwargs = root / "model", dict(torch_dtype=settings.dtype, local_files_only=True)
         self.unet = UNet2DConditionModel.from_pretrained(model / "unet", **kwargs).to(settings.device)
@@ -360,7 +361,8 @@ class Diffusers:
             pipe.unload_lora_weights()
         end = time.perf_counter()
         return {"seconds": end - begin, "latency_s": done - begin, "lora_load_s": loaded - begin,
-                "lora_unload_s": end - done, "step_wall_ms": step_wall_ms(stamps), "finite": bool(np.isfinite(image).all()),
+                "lora_unload_s": end - done, "step_wall_ms": step_wall_ms(stamps),
+                "finite": bool(np.isfinite(image).all()),
                 "image": (np.nan_to_num(image) * 255).round().astype(np.uint8)}
 
 
@@ -392,15 +394,15 @@ class Ours:
                 "lora_step": result.lora_step, "lora_wait_s": result.lora_wait_s,
                 "step_wall_ms": step_wall_ms(stamps), "image": result.image}
 
-    def capture_s(self) -> dict[str, float]:
+    def graphed(self) -> dict[str, GraphedEngine]:
         engines = {**self.model.engines, **{f"controlnet:{n}": e for n, e in self.catalog.cache.entries.items()}}
-        return {name: round(sum(e.capture_s.values()), 3) for name, e in engines.items()
-                if isinstance(e, GraphedEngine) and e.capture_s}
+        return {name: engine for name, engine in engines.items() if isinstance(engine, GraphedEngine)}
+
+    def capture_s(self) -> dict[str, float]:
+        return {name: round(sum(e.capture_s.values()), 3) for name, e in self.graphed().items() if e.capture_s}
 
     def capture_failures(self) -> dict[str, list[str]]:
-        engines = {**self.model.engines, **{f"controlnet:{n}": e for n, e in self.catalog.cache.entries.items()}}
-        return {name: list(e.failures.values()) for name, e in engines.items()
-                if isinstance(e, GraphedEngine) and e.failures}
+        return {name: list(e.failures.values()) for name, e in self.graphed().items() if e.failures}
 
 
 def measure(run_once: Callable[[], dict], timings: Timings, settings: Settings) -> dict:
@@ -415,7 +417,7 @@ def measure(run_once: Callable[[], dict], timings: Timings, settings: Settings) 
     result = {"warmup_s": warmup_s, "runs_s": [r["seconds"] for r in runs]}
     for key in runs[0]:
         values = [r[key] for r in runs if isinstance(r[key], (int, float)) and not isinstance(r[key], bool)]
-        if values and key != "image":
+        if values:
             result[f"median_{key}" if key != "seconds" else "median_s"] = statistics.median(values)
     result["graph_ms"] = timings.medians_ms()
     if settings.cuda:
@@ -429,7 +431,7 @@ def measure(run_once: Callable[[], dict], timings: Timings, settings: Settings) 
 
 
 # ---- sections --------------------------------------------------------------------------------------------------
-def device_checks(eager: Ours, graphed_: Ours, root: Path, settings: Settings) -> dict:
+def device_checks(eager: Ours, replay: Ours, root: Path, settings: Settings) -> dict:
     """Graph replay against eager on whole images: plain, LoRA patched before encoding, patched between two
     replays mid-denoise, then restored (image and every UNet/text-encoder weight identical to before)."""
     weights = [eager.model.engines["unet"].weights, eager.model.engines["text_encoder"].weights]
@@ -442,7 +444,7 @@ def device_checks(eager: Ours, graphed_: Ours, root: Path, settings: Settings) -
         with cold_loras(root, request.loras) as uses:
             request = dataclasses.replace(request, loras=uses)
             reference = eager.run(request, exact_lora_step)["image"]
-            replayed = graphed_.run(request, exact_lora_step)["image"]
+            replayed = replay.run(request, exact_lora_step)["image"]
         diff = image_diff(replayed, reference)
         checks[label] = {**diff, "pass": within_tolerance(diff)}
         say(f"check {label}: {checks[label]}")
@@ -453,15 +455,19 @@ def device_checks(eager: Ours, graphed_: Ours, root: Path, settings: Settings) -
     compare("0C/1L sync", make_request(settings, 0, 1, "sync", steps))
     compare("1C/1L patched between replays", make_request(settings, 1, 1, "bounded", steps), steps // 2)
     checks["lora_changes_image"] = image_diff(patched, first)
-    again = graphed_.run(plain)["image"]
-    checks["restored_image_identical"] = bool(np.array_equal(again, first))
+    again = replay.run(plain)["image"]
+    diff = image_diff(again, first)
+    checks["after_restore"] = {**diff, "pass": within_tolerance(diff), "identical": bool(np.array_equal(again, first))}
     checks["restored_weights_identical"] = all(torch.equal(p, w0[i][name]) for i, w in enumerate(weights)
                                                for name, p in w.params.items())
     checks["all_pass"] = (all(v["pass"] for v in checks.values() if isinstance(v, dict) and "pass" in v)
-                          and checks["restored_image_identical"] and checks["restored_weights_identical"]
+                          and checks["restored_weights_identical"]
                           and checks["lora_changes_image"]["max_abs"] > TOLERANCE["max_abs"])
-    checks["capture_s"] = graphed_.capture_s()
-    checks["capture_failures"] = graphed_.capture_failures()
+    checks["capture_s"] = replay.capture_s()
+    checks["capture_failures"] = replay.capture_failures()
+    say(f"checks: all_pass={checks['all_pass']} after_restore={checks['after_restore']} "
+        f"restored_weights_identical={checks['restored_weights_identical']} capture_s={checks['capture_s']} "
+        f"failures={checks['capture_failures']}")
     return checks
 
 
@@ -515,7 +521,7 @@ def run_case(case: str, diffusers_: Diffusers, ours: dict[str, Ours], root: Path
         save()
 
 
-def step_probe(ours: dict[str, Ours], root: Path, settings: Settings) -> dict:
+def step_probe(ours: dict[str, Ours], settings: Settings) -> dict:
     """Each graph alone, per call (CFG batch 2), eager against graphed; LoRA patch and restore times."""
     model, graphed_model = ours["eager"].model, ours["graphed"].model
     inputs = probe_inputs(model, settings)
@@ -550,7 +556,8 @@ def probe_inputs(model: LoadedModel, settings: Settings) -> dict[str, dict[str, 
     hidden = model.engines["unet_encoder"](unet)
     ids = torch.randint(0, len(model.tokenizer), (2, tiny.TEXT_LENGTH), generator=generator).to(settings.device)
     return {"unet": unet, "unet_encoder": unet, "unet_decoder": {**hidden, "encoder_hidden_states": text},
-            "text_encoder": {"input_ids": ids}, "vae_decoder": {"latent": rand(1, model.latent_channels, latent, latent)},
+            "text_encoder": {"input_ids": ids},
+            "vae_decoder": {"latent": rand(1, model.latent_channels, latent, latent)},
             "controlnet": {**unet, "controlnet_cond": rand(2, 3, settings.size, settings.size)}}
 
 
@@ -607,8 +614,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter: expected
     if args.dry_run:
         settings = Settings("cpu", torch.float32, 64, 4, 2, runs=1, warmup=0, probe_iters=1)
         torch.set_num_threads(1)  # the tiny model gains nothing from more, and CI machines are shared
@@ -676,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         section("checks", lambda: device_checks(ours["eager"], ours["graphed"], root, settings))
         for case in args.cases:
             run_case(case, state["diffusers"], ours, root, settings, save, results)
-        section("step_probe", lambda: step_probe(ours, root, settings))
+        section("step_probe", lambda: step_probe(ours, settings))
         if args.compile:
             section("compile", lambda: compile_probe(ours, settings))
         section("channels_last_probe", lambda: channels_last_probe(ours, settings))

@@ -1,0 +1,194 @@
+"""What a cold LoRA adds to a request: ours (`sync`, `bounded`) vs the diffusers way, from three sources.
+
+    python perf/lora_bench.py --out perf/results/lora_bench.json
+
+In-process on the `small` model (CPU here; `--device cuda` on a GPU), side by side in one run, interleaved
+round by round so that drift hits every case alike. Each request uses a LoRA it has never used before (a fresh
+catalog entry per request), so nothing is reused. Sources:
+  warm     the file is in the page cache
+  cold     the file was just evicted from the page cache (posix_fadvise DONTNEED)
+  remote   a loopback HTTP server throttled to `--rate` MB/s (default: the rate at which fetching one file costs
+           `--fetch-share` of a request without LoRA, the share production traces show for SDXL LoRAs)
+The diffusers way is `load_lora_weights` + `set_adapters` + `fuse_lora`, run, `unfuse_lora` + `unload_lora_weights`
+on a diffusers pipeline over the same weights (warm files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import http.server
+import json
+import os
+import shutil
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import save_file
+
+from swiftdiffusion.lora_store import LoraStore
+from swiftdiffusion.models import load_components, torch_engines
+from swiftdiffusion.pipeline import SCHEDULERS, Pipeline
+from swiftdiffusion.request import GenerationRequest, LoraUse
+from swiftdiffusion.tiny import (LORA_FORMATS, SIZES, TEXT_LORA_SUFFIXES, UNET_LORA_SUFFIXES, ensure_model,
+                                 lora_state_dict, lora_targets, random_lora_factors)
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+class ThrottledHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files at `rate` bytes per second, in 64 KiB chunks."""
+
+    rate = 200e6
+
+    def copyfile(self, source, destination):
+        began = time.perf_counter()
+        sent = 0
+        while chunk := source.read(65536):
+            destination.write(chunk)
+            sent += len(chunk)
+            ahead = sent / self.rate - (time.perf_counter() - began)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    def log_message(self, *args):
+        pass
+
+
+def write_catalog(folder: Path, components, count: int, rank: int) -> list[str]:
+    """`count` distinct kohya-format LoRAs (UNet and text-encoder layers): every request gets a new one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    unet_targets = lora_targets(components.unet, UNET_LORA_SUFFIXES)
+    text_targets = {"text_model." + k: v for k, v in lora_targets(components.text_encoder, TEXT_LORA_SUFFIXES).items()}
+    convs = {n for n, m in components.unet.named_modules() if n in unet_targets and isinstance(m, torch.nn.Conv2d)}
+    names = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(10_000 + index)
+        tensors = lora_state_dict(random_lora_factors(unet_targets, rank, generator),
+                                  random_lora_factors(text_targets, rank, generator), "kohya", rank, convs)
+        names.append(f"bench_{index:03d}")
+        save_file(tensors, folder / f"{names[-1]}.safetensors")
+    return names
+
+
+def evict(path: Path) -> None:
+    with open(path, "rb") as file:
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def timed(call) -> float:
+    began = time.perf_counter()
+    call()
+    return time.perf_counter() - began
+
+
+def diffusers_request(pipe, request: GenerationRequest, lora_file: Path | None) -> None:
+    if lora_file is not None:
+        pipe.load_lora_weights(str(lora_file), adapter_name="request")
+        pipe.set_adapters(["request"], adapter_weights=[request.loras[0].scale])
+        pipe.fuse_lora(adapter_names=["request"], lora_scale=1.0)
+    try:
+        pipe(prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
+             height=request.height, width=request.width, guidance_scale=request.guidance_scale,
+             generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np")
+    finally:
+        if lora_file is not None:
+            pipe.unfuse_lora()
+            pipe.unload_lora_weights()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=sorted(SIZES))
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rate", type=float, default=None, help="remote source MB/s (default: from --fetch-share)")
+    parser.add_argument("--fetch-share", type=float, default=0.3)
+    parser.add_argument("--out", type=Path, default=PROJECT / "perf" / "results" / "lora_bench.json")
+    args = parser.parse_args()
+
+    root = ensure_model(PROJECT / "models" / args.size, args.size)
+    components = load_components(root / "model")
+    catalog = PROJECT / "build" / "lora_bench_catalog"
+    shutil.rmtree(catalog, ignore_errors=True)
+    names = iter(write_catalog(catalog, components, 8 * args.rounds + 8, SIZES[args.size].lora_rank))
+    reference = load_components(root / "model")  # diffusers gets its own copy of the weights
+    model = torch_engines(components, args.device, torch.float32)
+    local = LoraStore(catalog, model.weight_shapes, model.device, model.dtype)
+    pipeline = Pipeline(model, loras=local)
+    pipe = StableDiffusionPipeline(vae=reference.vae, text_encoder=reference.text_encoder, unet=reference.unet,
+                                   tokenizer=reference.tokenizer,
+                                   scheduler=SCHEDULERS["ddim"].from_config(reference.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    base = GenerationRequest("a castle in the clouds", negative_prompt="blurry", seed=1, steps=args.steps,
+                             height=args.resolution, width=args.resolution)
+    pipeline.generate(base)  # warm-up
+    no_lora = statistics.median(timed(lambda: pipeline.generate(base)) for _ in range(2))
+    file_bytes = (catalog / "bench_000.safetensors").stat().st_size
+    rate = args.rate * 1e6 if args.rate else file_bytes / (args.fetch_share * no_lora)
+    ThrottledHandler.rate = rate
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(ThrottledHandler,
+                                                                                 directory=str(catalog)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    remote = LoraStore(f"http://127.0.0.1:{httpd.server_address[1]}", model.weight_shapes, model.device, model.dtype)
+
+    def ours(mode: str, store: LoraStore, source: str):
+        def run():
+            name = next(names)
+            if source == "cold":
+                evict(catalog / f"{name}.safetensors")
+            pipeline.loras = store
+            result = pipeline.generate(dataclasses.replace(base, loras=(LoraUse(name, 0.8),), lora_mode=mode))
+            steps_applied.setdefault(f"{mode}_{source}", []).append(result.lora_step)
+        return run
+
+    steps_applied: dict[str, list[int]] = {}
+    cases = {
+        "ours_no_lora": lambda: pipeline.generate(base),
+        **{f"ours_{mode}_{source}": ours(mode, store, source)
+           for mode in ("sync", "bounded") for source, store in (("warm", local), ("cold", local), ("remote", remote))},
+        "diffusers_no_lora": lambda: diffusers_request(pipe, base, None),
+        "diffusers_lora_warm": lambda: diffusers_request(
+            pipe, dataclasses.replace(base, loras=(LoraUse("x", 0.8),)), catalog / f"{next(names)}.safetensors"),
+    }
+    diffusers_request(pipe, base, None)  # warm-up
+    samples: dict[str, list[float]] = {case: [] for case in cases}
+    for round_index in range(args.rounds):
+        for case, run in cases.items():
+            samples[case].append(timed(run))
+        print(f"round {round_index + 1}/{args.rounds}:", {k: round(v[-1], 3) for k, v in samples.items()}, flush=True)
+    httpd.shutdown()
+
+    medians = {case: statistics.median(values) for case, values in samples.items()}
+    report = {
+        "machine": f"{os.cpu_count()} CPU cores" if args.device == "cpu" else torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python perf/lora_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                           if k != "out"),
+        "model": args.size, "resolution": args.resolution, "steps": args.steps, "rounds": args.rounds,
+        "lora_file_bytes": file_bytes, "remote_rate_MBps": rate / 1e6,
+        "remote_fetch_s": file_bytes / rate,
+        "median_s": medians, "samples_s": samples,
+        "added_vs_no_lora": {case: medians[case] / medians["ours_no_lora"] - 1 for case in medians if
+                             case.startswith("ours_")},
+        "diffusers_added_vs_no_lora": medians["diffusers_lora_warm"] / medians["diffusers_no_lora"] - 1,
+        "lora_step_applied": steps_applied,
+    }
+    report["added_vs_no_lora"]["diffusers_lora_warm"] = report["diffusers_added_vs_no_lora"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ("added_vs_no_lora", "remote_rate_MBps", "lora_step_applied")}, indent=2))
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""perf/gpu_bench.py's --dry-run (CPU, tiny model): every section, case and system lands in the JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "perf" / "gpu_bench.py"
+SYSTEMS = {
+    "0C/0L": ("ours_eager", "ours_graphed"),
+    "1C/1L": ("ours_eager_sync", "ours_eager_bounded", "ours_graphed_sync", "ours_graphed_bounded"),
+    "2C/2L": ("ours_eager_sync", "ours_eager_bounded", "ours_graphed_sync", "ours_graphed_bounded"),
+}
+
+
+def test_dry_run_records_every_case_system_and_ratio(tmp_path):
+    out = tmp_path / "gpu_dry.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], check=True, timeout=120,
+                   capture_output=True, text=True)
+    results = json.loads(out.read_text())
+    for section in ("build", "load", "checks", "step_probe", "channels_last_probe"):
+        assert "error" not in results[section], results[section]
+    assert results["checks"]["all_pass"]
+    assert results["checks"]["restored_weights_identical"] and results["checks"]["after_restore"]["identical"]
+    assert results["load"]["attention_processors"]["ours_unet"] == {"AttnProcessor2_0": 32}
+    assert set(results["cases"]) == set(SYSTEMS)
+    for case, systems in SYSTEMS.items():
+        entry = results["cases"][case]
+        for system in ("diffusers", *systems):
+            assert "error" not in entry[system], entry[system]
+            assert entry[system]["median_s"] > 0 and entry[system]["graph_ms"]
+        assert set(entry["ratios"]) == set(entry["ratios_latency"]) == set(systems)
+        assert all(ratio > 0 for ratio in entry["ratios"].values())
+        if case != "0C/0L":
+            assert entry["diffusers"]["median_lora_load_s"] > 0
+            assert all(entry[system]["median_lora_load_s"] > 0 for system in systems)
+            assert entry["ours_eager_sync"]["vs_diffusers"]["max_abs"] <= 2  # fp32: the fidelity tests' bound
+    assert results["summary"]["checks_all_pass"]
