@@ -49,7 +49,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 from swiftdiffusion import tiny  # noqa: E402
 from swiftdiffusion.controlnets import ControlNetCatalog, LocalControlNets  # noqa: E402
-from swiftdiffusion.cuda_graphs import GraphedControlNetCatalog, GraphedEngine, graph_engines, graphed  # noqa: E402
+from swiftdiffusion.cuda_graphs import GraphedControlNetCatalog, GraphedEngine, graph_engines  # noqa: E402
 from swiftdiffusion.engines import TorchEngine  # noqa: E402
 from swiftdiffusion.graphs import UNetDecoder, UNetEncoder  # noqa: E402
 from swiftdiffusion.lora_store import LoraStore  # noqa: E402
@@ -576,22 +576,6 @@ def compile_probe(ours: dict[str, Ours], settings: Settings) -> dict:
     return result
 
 
-def channels_last_probe(ours: dict[str, Ours], settings: Settings) -> dict:
-    """Per-call times with channels_last weights. Last section: converting the weights invalidates the graphs
-    captured so far, so fresh GraphedEngines are made here and the earlier ones are not used again."""
-    model = ours["eager"].model
-    inputs = probe_inputs(model, settings)
-    converted = graph_engines(model, channels_last=True)
-    controlnet = graphed(ours["eager"].catalog.get("canny"), channels_last=True)
-    result = {}
-    for name in ("unet", "unet_encoder", "unet_decoder"):
-        result[name] = {"eager": call_ms(lambda: model.engines[name](inputs[name]), settings),
-                        "graphed": call_ms(lambda: converted.engines[name](inputs[name]), settings)}
-    result["controlnet"] = {"eager": call_ms(lambda: controlnet.engine(inputs["controlnet"]), settings),
-                            "graphed": call_ms(lambda: controlnet(inputs["controlnet"]), settings)}
-    return result
-
-
 def attention_processors(module: torch.nn.Module) -> dict[str, int]:
     return dict(collections.Counter(type(p).__name__ for p in module.attn_processors.values()))
 
@@ -669,8 +653,8 @@ def main(argv: list[str] | None = None) -> int:
             state["ours"] = {
                 "eager": Ours.create(root, model, ControlNetCatalog(root / "controlnets", settings.device,
                                                                     settings.dtype), settings),
-                "graphed": Ours.create(root, graph_engines(model), GraphedControlNetCatalog(
-                    root / "controlnets", settings.device, settings.dtype), settings)}
+                "graphed": Ours.create(root, graph_engines(model, channels_last=settings.cuda), GraphedControlNetCatalog(
+                    root / "controlnets", settings.device, settings.dtype, channels_last=settings.cuda), settings)}
             state["diffusers"] = Diffusers(root, settings)
             unet = model.engines["unet"].module.unet
             return {"attention_processors": {"ours_unet": attention_processors(unet),
@@ -688,7 +672,6 @@ def main(argv: list[str] | None = None) -> int:
         section("step_probe", lambda: step_probe(ours, settings))
         if args.compile:
             section("compile", lambda: compile_probe(ours, settings))
-        section("channels_last_probe", lambda: channels_last_probe(ours, settings))
     results["summary"] = {"checks_all_pass": results.get("checks", {}).get("all_pass"), **{
         case: {"median_s": {n: v.get("median_s") for n, v in entry.items() if n.startswith(("diffusers", "ours"))},
                "ratios": entry.get("ratios", {})} for case, entry in results["cases"].items()}}

@@ -141,7 +141,8 @@ class Pipeline:
         wait_s = 0.0
 
         scheduler = make_scheduler(request.scheduler, model.scheduler_config)
-        scheduler.set_timesteps(request.steps, device=model.device)
+        # Timesteps stay on the host: the schedulers index their tables with them, which would sync a GPU.
+        scheduler.set_timesteps(request.steps, device="cpu")
         generator = torch.Generator("cpu").manual_seed(request.seed)
         shape = (1, model.latent_channels, request.height // model.vae_scale_factor,
                  request.width // model.vae_scale_factor)
@@ -151,7 +152,7 @@ class Pipeline:
         step_kwargs = {k: v for k, v in step_kwargs.items() if k in self.step_kwargs[request.scheduler]}
         controls = [(c.name, self._control_image(c.image, guided), c.scale) for c in request.controlnets]
         timesteps = scheduler.timesteps
-        engine_timesteps = timesteps.to(torch.float32).reshape(-1, 1)
+        engine_timesteps = timesteps.to(model.device, torch.float32).reshape(-1, 1)
 
         for index, t in enumerate(timesteps):
             if lora_job is not None and (index >= deadline or (exact_lora_step is None and lora_job.done())):
@@ -182,11 +183,12 @@ class Pipeline:
         hidden = self.engines["unet_encoder"](inputs)
         names = self.engines["unet_decoder"].spec.inputs[1:-1]  # skips and mid, in order
         residual_sum = None
-        for future, scale in pending:
+        for future, scale in pending:  # scaled and summed in request order, as diffusers' MultiControlNet
             residuals = await future
-            scaled = [residuals[name] * scale for name in names]
-            residual_sum = scaled if residual_sum is None else [a + b for a, b in zip(residual_sum, scaled)]
-        decoder_inputs = {name: hidden[name] + residual for name, residual in zip(names, residual_sum)}
+            scaled = torch._foreach_mul([residuals[name] for name in names], scale)
+            residual_sum = scaled if residual_sum is None else torch._foreach_add(residual_sum, scaled)
+        summed = torch._foreach_add([hidden[name] for name in names], residual_sum)
+        decoder_inputs = dict(zip(names, summed))
         decoder_inputs["emb"] = hidden["emb"]
         decoder_inputs["encoder_hidden_states"] = embeddings
         return self.engines["unet_decoder"](decoder_inputs)["noise_pred"]

@@ -20,7 +20,7 @@ def test_dry_run_records_every_case_system_and_ratio(tmp_path):
     subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], check=True, timeout=120,
                    capture_output=True, text=True)
     results = json.loads(out.read_text())
-    for section in ("build", "load", "checks", "step_probe", "channels_last_probe"):
+    for section in ("build", "load", "checks", "step_probe"):
         assert "error" not in results[section], results[section]
     assert results["checks"]["all_pass"]
     assert results["checks"]["restored_weights_identical"] and results["checks"]["after_restore"]["identical"]
