@@ -19,7 +19,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--onnx", type=Path, required=True, help="export folder with manifest.json")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--min-size", type=int, default=256, help="smallest image side, pixels")
+    parser.add_argument("--min-size", type=int, default=64, help="smallest image side, pixels")
     parser.add_argument("--opt-size", type=int, default=512, help="image side TensorRT tunes for, pixels")
     parser.add_argument("--max-size", type=int, default=1024, help="largest image side, pixels")
     parser.add_argument("--max-batch", type=int, default=2, help="2 runs classifier-free guidance in one call")

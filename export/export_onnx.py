@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from swiftdiffusion import onnx_export, tiny
 
 
@@ -32,7 +34,10 @@ def main() -> int:
     parser.add_argument("--opset", type=int, default=onnx_export.OPSET)
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime checks")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max abs diff allowed (fp32; exit 1 above)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads: traces and checks run at 8x8..12x8 latents, where more mostly wait")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
     model, controlnets = args.model, args.controlnets

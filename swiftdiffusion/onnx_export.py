@@ -1,8 +1,9 @@
 """ONNX export of every graph of `graphs.py`, its onnxruntime verification, and the weight maps that make LoRA refit
 possible.
 
-Export uses the TorchScript exporter (`dynamo=False`), tracing at an odd latent size (12x8) so that every shape-
-dependent value (the UNet's upsample sizes above all) is recorded as a shape computation, not as a constant. The
+Export uses the TorchScript exporter (`dynamo=False`), tracing at batch 2 and a latent height that is not a multiple
+of 8 (12x8): there diffusers passes the UNet's upsample sizes explicitly, so the trace records them as computations
+on shapes, not as constants, and the graph holds at every size. The
 graphs take any batch in `BATCH_RANGE` and any latent size in `LATENT_RANGE` (64..1024 pixels, multiples of 8);
 axis names in the files say how each dimension follows the latent size: `height/4` is ceil(height / 4) (a skip
 three levels down), `height*8` an image dimension.
@@ -16,6 +17,7 @@ exactly what the TensorRT refitter receives; the tests feed the same arrays to o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import tempfile
@@ -87,7 +89,8 @@ class WeightMap:
 
     @classmethod
     def from_json(cls, data: Mapping) -> WeightMap:
-        weights = {k: WeightEntry(v["initializer"], v["transform"], tuple(v["shape"])) for k, v in data["weights"].items()}
+        weights = {name: WeightEntry(entry["initializer"], entry["transform"], tuple(entry["shape"]))
+                   for name, entry in data["weights"].items()}
         return cls(weights, list(data["unused"]), dict(data["unmappable"]))
 
     @classmethod
@@ -106,8 +109,8 @@ def graph_sources(components: ModelComponents, controlnets: Mapping[str, Control
         "vae_decoder": graphs.VaeDecoder(components.vae),
     }
     sources = [GraphSource(name, name, module, specs[name]) for name, module in modules.items()]
-    sources += [GraphSource(f"controlnet_{name}", "controlnet", graphs.ControlNetResiduals(controlnet), specs["controlnet"])
-                for name, controlnet in sorted(controlnets.items())]
+    sources += [GraphSource(f"controlnet_{name}", "controlnet", graphs.ControlNetResiduals(controlnet),
+                            specs["controlnet"]) for name, controlnet in sorted(controlnets.items())]
     for source in sources:
         source.module.float().eval().requires_grad_(False)
     return sources
@@ -119,8 +122,8 @@ def dynamic_axes(source: GraphSource, unet_config) -> dict[str, dict[int, str]]:
     levels = [0]  # conv_in's skip, then each down block's resnets and downsampler
     for block in range(blocks):
         levels += [block] * unet_config.layers_per_block + ([block + 1] if block < blocks - 1 else [])
-    scales = {"sample": "", "noise_pred": "", "latent": "", "mid": f"/{2 ** (blocks - 1)}",
-              **{name: f"/{2 ** level}" if level else "" for name, level in zip(graphs.skip_names(len(levels)), levels)}}
+    scales = {name: f"/{2 ** level}" if level else "" for name, level in zip(graphs.skip_names(len(levels)), levels)}
+    scales.update(sample="", noise_pred="", latent="", mid=f"/{2 ** (blocks - 1)}")
     module = source.component[1]
     if source.kind == "vae_decoder":
         scales["image"] = f"*{2 ** (len(module.config.block_out_channels) - 1)}"
@@ -207,13 +210,16 @@ def build_weight_map(model: onnx.ModelProto, source: GraphSource, used: set[str]
     are what identify them. A parameter whose value several initializers hold is ambiguous and left unmappable.
     """
     attr, module = source.component
-    initializers = {init.name: init for init in model.graph.initializer}
-    by_bytes: dict[bytes, list[str]] = {}
-    arrays: dict[str, np.ndarray] = {}
-    for name, init in initializers.items():
-        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
-            arrays[name] = numpy_helper.to_array(init)
-            by_bytes.setdefault(arrays[name].tobytes(), []).append(name)
+    arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer
+              if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    by_digest: dict[bytes, list[str]] = {}
+    for name, array in arrays.items():
+        by_digest.setdefault(_digest(array), []).append(name)
+
+    def holders(value: np.ndarray) -> list[str]:
+        return [init for init in by_digest.get(_digest(value), [])
+                if arrays[init].dtype == value.dtype and np.array_equal(arrays[init].reshape(value.shape), value)]
+
     weights, unused, unmappable = {}, [], {}
     for name, param in module.named_parameters():
         value = param.detach().cpu().numpy()
@@ -224,17 +230,19 @@ def build_weight_map(model: onnx.ModelProto, source: GraphSource, used: set[str]
         if f"{attr}.{name}" in arrays and arrays[f"{attr}.{name}"].shape == shape:
             weights[name] = WeightEntry(f"{attr}.{name}", "none", shape)
             continue
-        candidates = [(init, "none" if arrays[init].shape == shape else "reshape")
-                      for init in by_bytes.get(value.tobytes(), [])]
+        candidates = [(init, "none" if arrays[init].shape == shape else "reshape") for init in holders(value)]
         if value.ndim == 2:
-            candidates += [(init, "transpose") for init in by_bytes.get(value.T.tobytes(), [])
-                           if arrays[init].shape == shape[::-1]]
+            candidates += [(init, "transpose") for init in holders(value.T) if arrays[init].shape == shape[::-1]]
         if len(candidates) == 1:
             weights[name] = WeightEntry(candidates[0][0], candidates[0][1], shape)
         else:
             unmappable[name] = (f"its value is held by {len(candidates)} initializers" if candidates
                                 else "no initializer holds its value")
     return WeightMap(weights, unused, unmappable)
+
+
+def _digest(array: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).digest()
 
 
 def load_initializers(onnx_path: str | Path, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -245,7 +253,8 @@ def load_initializers(onnx_path: str | Path, names: Iterable[str] | None = None)
             if wanted is None or init.name in wanted}
 
 
-def refit_weights(weight_map: WeightMap, pristine: Mapping[str, np.ndarray], patch: WeightPatch) -> dict[str, np.ndarray]:
+def refit_weights(weight_map: WeightMap, pristine: Mapping[str, np.ndarray],
+                  patch: WeightPatch) -> dict[str, np.ndarray]:
     """Initializer name -> its value with the patch merged (W0 + up @ down, laid out as the initializer).
 
     This is what the TensorRT refitter is given, and what the tests write into onnxruntime graphs. Layers of
@@ -277,8 +286,8 @@ def refit_weights(weight_map: WeightMap, pristine: Mapping[str, np.ndarray], pat
 
 
 def export_graph(source: GraphSource, inputs: Mapping[str, torch.Tensor], axes: Mapping[str, Mapping[int, str]],
-                 path: Path, opset: int = OPSET) -> onnx.ModelProto:
-    """Exports one graph to `path` (weights in `<path>.data` when over 2 GB) and returns the loaded model.
+                 opset: int = OPSET) -> onnx.ModelProto:
+    """Traces one graph on `inputs` and returns the ONNX model, weights included.
 
     Output dimensions not named in `axes` are static: they are written as the traced sizes, where the exporter's
     shape inference would otherwise leave made-up symbols.
@@ -288,7 +297,7 @@ def export_graph(source: GraphSource, inputs: Mapping[str, torch.Tensor], axes: 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # Tracer warnings flag Python-side shape checks (asserts), which the verification covers.
         warnings.simplefilter("ignore")
-        staged = Path(tmp) / path.name
+        staged = Path(tmp) / "graph.onnx"
         torch.onnx.export(source.module, tuple(inputs[name] for name in source.spec.inputs), str(staged),
                           input_names=list(source.spec.inputs), output_names=list(source.spec.outputs),
                           dynamic_axes={k: dict(v) for k, v in axes.items()}, opset_version=opset,
@@ -298,18 +307,33 @@ def export_graph(source: GraphSource, inputs: Mapping[str, torch.Tensor], axes: 
         for axis, dim in enumerate(output.type.tensor_type.shape.dim):
             if axis not in axes.get(output.name, {}):
                 dim.dim_value = traced[output.name].shape[axis]
-    external = sum(len(init.raw_data) for init in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    return model
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, external_threshold: int = EXTERNAL_DATA_BYTES) -> bool:
+    """Writes `model` to `path`, its weights to `<path>.data` when they exceed the threshold; True if they do.
+
+    Saving with external data empties the tensors of `model`: read what is needed from it first.
+    """
+    external = sum(len(init.raw_data) for init in model.graph.initializer) > external_threshold
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=data.name)
-    return model
+    return external
+
+
+def cpu_session_options() -> onnxruntime.SessionOptions:
+    """Options for onnxruntime checks: worker threads that sleep rather than spin (checks share busy CPUs)."""
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def verify_graph(onnx_path: str | Path, module: torch.nn.Module, spec: GraphSpec,
                  input_sets: Sequence[Mapping[str, torch.Tensor]]) -> list[float]:
     """Max abs difference between onnxruntime (CPU) and the torch module, per input set, over all outputs."""
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(onnx_path), cpu_session_options(), providers=["CPUExecutionProvider"])
     diffs = []
     for inputs in input_sets:
         ort = session.run(list(spec.outputs), {name: inputs[name].numpy() for name in spec.inputs})
@@ -347,9 +371,8 @@ def export_model(model: str | Path | ModelComponents, controlnets: Mapping[str, 
         axes = dynamic_axes(source, components.unet.config)
         trace_inputs = sample_inputs(source, components, *TRACE_SIZE)
         start = time.perf_counter()
-        onnx_model = export_graph(source, trace_inputs, axes, path, opset)
-        entry = {"file": path.name, "kind": source.kind, "export_seconds": round(time.perf_counter() - start, 2),
-                 "external_data": path.with_name(path.name + ".data").exists(),
+        onnx_model = export_graph(source, trace_inputs, axes, opset)
+        entry = {"file": path.name, "kind": source.kind,
                  "inputs": _io(onnx_model.graph.input), "outputs": _io(onnx_model.graph.output)}
         component = REFIT_COMPONENTS.get(source.kind)
         if component is not None:
@@ -359,7 +382,9 @@ def export_model(model: str | Path | ModelComponents, controlnets: Mapping[str, 
                                                 **weight_map.to_json()}, indent=1))
             entry.update(weights=weights_file.name, component=component, mapped=len(weight_map.weights),
                          unmappable=len(weight_map.unmappable))
-        del onnx_model
+        entry["external_data"] = save_onnx(onnx_model, path)
+        entry["export_seconds"] = round(time.perf_counter() - start, 2)
+        del onnx_model  # a real UNet is 3.4 GB: free it before onnxruntime loads the file
         if verify:
             start = time.perf_counter()
             input_sets = [sample_inputs(source, components, *size, seed=i + 1) for i, size in enumerate(CHECK_SIZES)]
@@ -375,5 +400,6 @@ def export_model(model: str | Path | ModelComponents, controlnets: Mapping[str, 
 
 def format_row(name: str, entry: Mapping) -> str:
     """One line of the export table: graph, export seconds, max abs diff per check."""
-    checks = "  ".join(f"b{c['batch']} {c['height']}x{c['width']}: {c['max_abs_diff']:.1e}" for c in entry.get("checks", []))
+    checks = "  ".join(f"b{c['batch']} {c['height']}x{c['width']}: {c['max_abs_diff']:.1e}"
+                       for c in entry.get("checks", []))
     return f"{name:<20} {entry['export_seconds']:>7.2f}s  {checks}"

@@ -133,7 +133,7 @@ class TensorRTEngine:
                 shape = tuple(self.context.get_tensor_shape(name))
                 outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
                 self.context.set_tensor_address(name, outputs[name].data_ptr())
-            # Feeds freed on return are only reused by later work on this stream: the caching allocator is stream-ordered.
+            # Feeds freed on return are reused only by later work on this stream (the allocator is stream-ordered).
             if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
                 raise RuntimeError("TensorRT inference failed (see the log above)")
             return outputs

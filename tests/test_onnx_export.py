@@ -4,6 +4,7 @@ merged through the weight maps (exactly what the TensorRT refitter is given) aga
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -16,20 +17,36 @@ from onnx import numpy_helper
 from swiftdiffusion import onnx_export, tiny
 from swiftdiffusion.engines import LayerDelta, WeightPatch
 from swiftdiffusion.lora import build_patch, decode_lora
-from swiftdiffusion.models import load_components, torch_engines
+from swiftdiffusion.models import ModelComponents, load_components, torch_engines
 from swiftdiffusion.onnx_export import WeightEntry, WeightMap
 
 TOLERANCE = 1e-4
 GRAPHS = {"text_encoder", "unet", "unet_encoder", "unet_decoder", "vae_decoder", "controlnet_canny", "controlnet_depth"}
 
 
+class Exported(NamedTuple):
+    root: Path  # the tiny model's folder (model, controlnets, loras)
+    out: Path  # the export folder
+    components: ModelComponents
+    manifest: dict
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny graphs gain nothing from a second torch thread; on a shared 2-core machine it only spins."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tiny.build_model(tmp_path_factory.mktemp("tiny"), "tiny")
-    components = load_components(root / "model")
-    controlnets = {name: root / "controlnets" / name for name in tiny.CONTROLNET_NAMES}
-    manifest = onnx_export.export_model(components, controlnets, root / "onnx", log=lambda line: None)
-    return root, components, manifest
+def exported(tiny_root, tmp_path_factory, one_thread) -> Exported:
+    components = load_components(tiny_root / "model")
+    controlnets = {name: tiny_root / "controlnets" / name for name in tiny.CONTROLNET_NAMES}
+    out = tmp_path_factory.mktemp("onnx")
+    manifest = onnx_export.export_model(components, controlnets, out, log=lambda line: None)
+    return Exported(tiny_root, out, components, manifest)
 
 
 def sources(components) -> dict[str, onnx_export.GraphSource]:
@@ -47,7 +64,7 @@ def session(path: Path, replaced: dict[str, np.ndarray] | None = None) -> onnxru
 
 
 def test_every_graph_matches_torch_at_both_sizes_and_batches(exported):
-    _, _, manifest = exported
+    manifest = exported.manifest
     assert set(manifest["graphs"]) == GRAPHS and manifest["opset"] >= 17
     for name, graph in manifest["graphs"].items():
         checks = {(c["batch"], c["height"], c["width"]): c["max_abs_diff"] for c in graph["checks"]}
@@ -56,27 +73,28 @@ def test_every_graph_matches_torch_at_both_sizes_and_batches(exported):
 
 
 def test_files_have_the_spec_names_and_the_manifest_dims(exported):
-    root, components, manifest = exported
+    root, out, components, manifest = exported
     controlnets = {name: ControlNetModel.from_pretrained(root / "controlnets" / name) for name in tiny.CONTROLNET_NAMES}
     all_sources = {source.name: source for source in onnx_export.graph_sources(components, controlnets)}
     for name, graph in manifest["graphs"].items():
         source = all_sources[name]
-        model = onnx.load(str(root / "onnx" / graph["file"]))
+        model = onnx.load(str(out / graph["file"]))
         assert model.opset_import[0].version == manifest["opset"]
         assert [v.name for v in model.graph.input] == list(source.spec.inputs) == list(graph["inputs"])
         assert [v.name for v in model.graph.output] == list(source.spec.outputs) == list(graph["outputs"])
         # The manifest's dims, resolved at an odd latent size, are the shapes onnxruntime takes and gives.
         inputs = onnx_export.sample_inputs(source, components, 2, 12, 8)
-        outputs = session(root / "onnx" / graph["file"]).run(None, {k: v.numpy() for k, v in inputs.items()})
-        for (info, tensor) in zip([*graph["inputs"].values(), *graph["outputs"].values()], [*inputs.values(), *outputs]):
+        outputs = session(out / graph["file"]).run(None, {k: v.numpy() for k, v in inputs.items()})
+        infos = [*graph["inputs"].values(), *graph["outputs"].values()]
+        for info, tensor in zip(infos, [*inputs.values(), *outputs]):
             assert tuple(onnx_export.resolve_dim(d, 2, 12, 8) for d in info["dims"]) == tuple(tensor.shape), name
     assert manifest["graphs"]["unet"]["inputs"]["timestep"] == {"dims": [1], "dtype": "float32"}
     assert manifest["graphs"]["text_encoder"]["inputs"]["input_ids"] == {"dims": ["batch", 77], "dtype": "int64"}
 
 
 def test_weight_maps_hold_every_lora_target(exported):
-    root, components, manifest = exported
-    maps = {name: WeightMap.load(root / "onnx" / graph["weights"])
+    _, out, components, manifest = exported
+    maps = {name: WeightMap.load(out / graph["weights"])
             for name, graph in manifest["graphs"].items() if "weights" in graph}
     assert set(maps) == {"unet", "unet_encoder", "unet_decoder", "text_encoder"}
     modules = {"unet": components.unet, "unet_encoder": components.unet, "unet_decoder": components.unet,
@@ -87,7 +105,7 @@ def test_weight_maps_hold_every_lora_target(exported):
         groups = [set(weight_map.weights), set(weight_map.unused), set(weight_map.unmappable)]
         assert sum(map(len, groups)) == len(params) and set().union(*groups) == set(params), name
         # Each mapping is exact: the initializer is the parameter, laid out as its transform says.
-        stored = onnx_export.load_initializers(root / "onnx" / manifest["graphs"][name]["file"])
+        stored = onnx_export.load_initializers(out / manifest["graphs"][name]["file"])
         for param, entry in weight_map.weights.items():
             value = params[param].detach().numpy()
             value = value.T if entry.transform == "transpose" else value.reshape(stored[entry.initializer].shape)
@@ -104,7 +122,7 @@ def test_weight_maps_hold_every_lora_target(exported):
 
 
 def test_lora_merged_through_weight_map_matches_torch(exported):
-    root, _, manifest = exported
+    root, out, _, manifest = exported
     components = load_components(root / "model")
     loaded = torch_engines(components, "cpu", torch.float32)
     data = (root / "loras" / "character_kohya.safetensors").read_bytes()
@@ -113,8 +131,8 @@ def test_lora_merged_through_weight_map_matches_torch(exported):
     graph_sources = sources(components)
     for name in ("text_encoder", "unet", "unet_encoder", "unet_decoder"):
         graph = manifest["graphs"][name]
-        path = root / "onnx" / graph["file"]
-        weight_map = WeightMap.load(root / "onnx" / graph["weights"])
+        path = out / graph["file"]
+        weight_map = WeightMap.load(out / graph["weights"])
         patch = build_patch(graph["component"], [(lora, 0.8)], torch.device("cpu"), torch.float32)
         merged = onnx_export.refit_weights(weight_map, onnx_export.load_initializers(path), patch)
         assert set(merged) == {weight_map.weights[p].initializer for p in patch.layers if p in weight_map.weights}
@@ -133,7 +151,7 @@ def test_lora_merged_through_weight_map_matches_torch(exported):
 
 
 def test_big_graphs_keep_their_weights_in_one_external_file(exported, tmp_path):
-    root, components, manifest = exported
+    _, out, components, _ = exported
     source = sources(components)["text_encoder"]
     model = onnx_export.export_graph(source, onnx_export.sample_inputs(source, components, 1, 8, 8),
                                      onnx_export.dynamic_axes(source, components.unet.config))
@@ -143,7 +161,7 @@ def test_big_graphs_keep_their_weights_in_one_external_file(exported, tmp_path):
     inputs = onnx_export.sample_inputs(source, components, 2, 12, 8)
     assert onnx_export.verify_graph(path, source.module, source.spec, [inputs])[0] <= TOLERANCE
     stored = onnx_export.load_initializers(path)
-    assert stored.keys() == onnx_export.load_initializers(root / "onnx" / "text_encoder.onnx").keys()
+    assert stored.keys() == onnx_export.load_initializers(out / "text_encoder.onnx").keys()
 
 
 def test_refit_weights_lays_out_each_transform_and_refuses_what_it_cannot_patch():
@@ -165,7 +183,8 @@ def test_refit_weights_lays_out_each_transform_and_refuses_what_it_cannot_patch(
     torch.testing.assert_close(torch.from_numpy(merged["onnx::MatMul_7"]), (lin + up @ down).T)
     torch.testing.assert_close(torch.from_numpy(merged["conv.weight"]), conv + (up @ down)[:, :, None, None])
     torch.testing.assert_close(torch.from_numpy(merged["onnx::Mul_9"]), (norm + up[:, 0]).reshape(3, 1, 1))
-    for bad, message in (("folded.weight", "no initializer"), ("a.weight", "also holds"), ("nope.weight", "not a weight")):
+    refused = (("folded.weight", "no initializer"), ("a.weight", "also holds"), ("nope.weight", "not a weight"))
+    for bad, message in refused:
         with pytest.raises(ValueError, match=message):
             onnx_export.refit_weights(weight_map, pristine, WeightPatch(("y",), {bad: delta}))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from swiftdiffusion import onnx_export, tensorrt_runtime, tiny
+from swiftdiffusion import onnx_export, tensorrt_runtime
 from swiftdiffusion.graphs import GraphSpec
 from swiftdiffusion.lora import build_patch, decode_lora
 from swiftdiffusion.models import load_components, torch_engines
@@ -49,23 +49,24 @@ def test_profile_shapes_resolve_the_manifest_dims():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tiny_root, tmp_path_factory):
+    """(model root, export folder, the full UNet's fp32 refittable plan)."""
     pytest.importorskip("tensorrt", reason=MISSING_REASON)
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
-    root = tiny.build_model(tmp_path_factory.mktemp("tiny"), "tiny")
-    manifest = onnx_export.export_model(root / "model", {}, root / "onnx", verify=False, log=lambda line: None)
+    out = tmp_path_factory.mktemp("onnx")
+    manifest = onnx_export.export_model(tiny_root / "model", {}, out, verify=False, log=lambda line: None)
     graph = manifest["graphs"]["unet"]
     profile = tensorrt_runtime.profile_shapes(graph, (1, 8, 8), (2, 12, 8), (2, 16, 16))
-    plan = tensorrt_runtime.build_engine(root / "onnx" / graph["file"], root / "unet.plan", [profile], fp16=False,
+    plan = tensorrt_runtime.build_engine(out / graph["file"], out / "unet.plan", [profile], fp16=False,
                                          refittable=True)
-    return root, plan
+    return tiny_root, out, plan
 
 
 @pytest.mark.tensorrt
 def test_tensorrt_unet_matches_torch_and_refits_loras(built):
-    root, plan = built
-    engine = tensorrt_runtime.TensorRTEngine.from_export(root / "onnx", plan, "unet")
+    root, out, plan = built
+    engine = tensorrt_runtime.TensorRTEngine.from_export(out, plan, "unet")
     components = load_components(root / "model")
     loaded = torch_engines(components, "cuda", torch.float32)
     reference = loaded.engines["unet"]
