@@ -60,7 +60,7 @@ from swiftdiffusion.request import ControlNetUse, GenerationRequest, LoraUse  # 
 SD15 = tiny.ModelSize(unet_channels=(320, 640, 1280, 1280), norm_groups=32, text_width=768, text_layers=12,
                       vae_channels=(128, 256, 512, 512), vae_layers=2, controlnet_embedding=(16, 32, 96, 256),
                       lora_rank=64)
-CASES = {"0C/0L": 0, "1C/1L": 1, "2C/2L": 2}  # case -> number of ControlNets and of LoRAs
+CASES = {"0C/0L": (0, 0), "1C/0L": (1, 0), "1C/1L": (1, 1), "2C/2L": (2, 2)}  # case -> (ControlNets, LoRAs)
 CONTROLS = (("canny", 1.0), ("depth", 0.6))
 LORAS = (("character_kohya", 0.8), ("style_peft", 0.5))  # kohya (UNet + text encoder), PEFT (UNet + text encoder)
 PROMPT, NEGATIVE, SEED = "a photograph of an astronaut riding a horse", "blurry, low quality", 42
@@ -211,8 +211,10 @@ class TimedEngine:
 
 
 class TimedControlNets(LocalControlNets):
-    def __init__(self, catalog: ControlNetCatalog, timings: Timings):
-        super().__init__(catalog)
+    """Times submission only: with overlap on, the work itself runs on a side stream (see step_wall_ms)."""
+
+    def __init__(self, catalog: ControlNetCatalog, timings: Timings, overlap: bool):
+        super().__init__(catalog, overlap)
         self.timings = timings
 
     def submit(self, name, inputs):
@@ -375,15 +377,20 @@ class Ours:
     timings: Timings
     model: LoadedModel
     catalog: ControlNetCatalog
+    controlnet_async: bool = False
 
     @classmethod
-    def create(cls, root: Path, model: LoadedModel, catalog: ControlNetCatalog, settings: Settings) -> Ours:
+    def create(cls, root: Path, model: LoadedModel, catalog: ControlNetCatalog, settings: Settings,
+               overlap: bool = True, controlnet_async: bool = False) -> Ours:
+        """`overlap`: ControlNets on their own CUDA streams; `controlnet_async`: step t uses step t-1's residuals."""
         timings = Timings(settings.cuda)
         timed = dataclasses.replace(model, engines={n: TimedEngine(e, n, timings) for n, e in model.engines.items()})
         store = TimedLoraStore(root / "loras", model.weight_shapes, model.device, model.dtype)
-        return cls(Pipeline(timed, TimedControlNets(catalog, timings), store), store, timings, model, catalog)
+        return cls(Pipeline(timed, TimedControlNets(catalog, timings, overlap), store), store, timings, model,
+                   catalog, controlnet_async)
 
     def run(self, request: GenerationRequest, exact_lora_step: int | None = None) -> dict:
+        request = dataclasses.replace(request, controlnet_async=self.controlnet_async)
         stamps: list[float] = []
         self.store.load_s.clear()
         begin = time.perf_counter()
@@ -472,10 +479,10 @@ def device_checks(eager: Ours, replay: Ours, root: Path, settings: Settings) -> 
 
 
 def run_case(case: str, diffusers_: Diffusers, ours: dict[str, Ours], root: Path, settings: Settings,
-             save: Callable[[], None], results: dict) -> None:
-    count = CASES[case]
+             save: Callable[[], None], results: dict, skip: tuple[str, ...] = ()) -> None:
+    controls, loras = CASES[case]
     entry = results["cases"].setdefault(case, {})
-    modes = ("sync", "bounded") if count else ("sync",)
+    modes = ("sync", "bounded") if loras else ("sync",)
     systems: dict[str, Callable[[GenerationRequest], dict]] = {}
     pipe = None
 
@@ -487,14 +494,16 @@ def run_case(case: str, diffusers_: Diffusers, ours: dict[str, Ours], root: Path
 
     systems["diffusers"] = diffusers_run
     for variant, system in ours.items():
+        if variant in skip or (variant in ("sequential", "cnasync") and not controls):
+            continue  # they differ from `graphed` only in how ControlNets run
         for mode in modes:
-            name = f"ours_{variant}_{mode}" if count else f"ours_{variant}"
+            name = f"ours_{variant}_{mode}" if loras else f"ours_{variant}"
             systems[name] = lambda request, system=system, mode=mode: system.run(
                 dataclasses.replace(request, lora_mode=mode))
     images = {}
     for name, run in systems.items():
         say(f"case {case}: {name}")
-        request = make_request(settings, count, count)
+        request = make_request(settings, controls, loras)
         timings = diffusers_.timings if name == "diffusers" else ours[name.split("_")[1]].timings
 
         def run_once():
@@ -589,6 +598,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, default=Path("/tmp/sd15"), help="where the SD1.5-shaped model is built")
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--variants", nargs="*", choices=("sequential", "cnasync"), default=["sequential", "cnasync"],
+                        help="extra graphed variants for cases with ControlNets: no stream overlap; async residuals")
+    parser.add_argument("--skip-eager", action="store_true", help="measure only graphed variants (and diffusers)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
@@ -650,11 +662,16 @@ def main(argv: list[str] | None = None) -> int:
 
         def load() -> dict:
             model = torch_engines(load_components(root / "model"), settings.device, settings.dtype)
-            state["ours"] = {
-                "eager": Ours.create(root, model, ControlNetCatalog(root / "controlnets", settings.device,
-                                                                    settings.dtype), settings),
-                "graphed": Ours.create(root, graph_engines(model, channels_last=settings.cuda), GraphedControlNetCatalog(
-                    root / "controlnets", settings.device, settings.dtype, channels_last=settings.cuda), settings)}
+            graphed_model = graph_engines(model, channels_last=settings.cuda)
+            graphed_catalog = GraphedControlNetCatalog(root / "controlnets", settings.device, settings.dtype,
+                                                       channels_last=settings.cuda)
+            variants = {
+                "eager": lambda: Ours.create(root, model, ControlNetCatalog(root / "controlnets", settings.device,
+                                                                            settings.dtype), settings),
+                "graphed": lambda: Ours.create(root, graphed_model, graphed_catalog, settings),
+                "sequential": lambda: Ours.create(root, graphed_model, graphed_catalog, settings, overlap=False),
+                "cnasync": lambda: Ours.create(root, graphed_model, graphed_catalog, settings, controlnet_async=True)}
+            state["ours"] = {name: variants[name]() for name in ("eager", "graphed", *args.variants)}
             state["diffusers"] = Diffusers(root, settings)
             unet = model.engines["unet"].module.unet
             return {"attention_processors": {"ours_unet": attention_processors(unet),
@@ -668,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         ours = state["ours"]
         section("checks", lambda: device_checks(ours["eager"], ours["graphed"], root, settings))
         for case in args.cases:
-            run_case(case, state["diffusers"], ours, root, settings, save, results)
+            run_case(case, state["diffusers"], ours, root, settings, save, results,
+                     ("eager",) if args.skip_eager else ())
         section("step_probe", lambda: step_probe(ours, settings))
         if args.compile:
             section("compile", lambda: compile_probe(ours, settings))

@@ -52,8 +52,9 @@ class LocalControlNets:
     ControlNet on a CUDA stream of its own, so its kernels overlap the UNet encoder's on the main stream.
     """
 
-    def __init__(self, catalog: ControlNetCatalog):
+    def __init__(self, catalog: ControlNetCatalog, overlap: bool = True):
         self.catalog = catalog
+        self.overlap = overlap and torch.device(catalog.device).type == "cuda"
         self.streams: dict[str, torch.cuda.Stream] = {}
 
     def check(self, name: str) -> None:
@@ -61,13 +62,15 @@ class LocalControlNets:
 
     def submit(self, name: str, inputs: Mapping[str, torch.Tensor]) -> Awaitable[dict[str, torch.Tensor]]:
         engine = self.catalog.get(name)
-        if torch.device(self.catalog.device).type != "cuda":
+        if not self.overlap:
             future = asyncio.get_running_loop().create_future()
             future.set_result(engine(inputs))
             return future
         main = torch.cuda.current_stream()
         stream = self.streams.setdefault(name, torch.cuda.Stream(main.device))
         stream.wait_stream(main)  # its inputs are ready, and last step's outputs have been read
+        for tensor in inputs.values():
+            tensor.record_stream(stream)  # asynchronous mode: the caller may free them before this stream reads
         with torch.cuda.stream(stream):
             outputs = engine(inputs)
         done = stream.record_event()

@@ -154,6 +154,7 @@ class Pipeline:
         timesteps = scheduler.timesteps
         engine_timesteps = timesteps.to(model.device, torch.float32).reshape(-1, 1)
 
+        held = waiting = None  # ControlNet asynchronous mode: residuals in use, work submitted a step ago
         for index, t in enumerate(timesteps):
             if lora_job is not None and (index >= deadline or (exact_lora_step is None and lora_job.done())):
                 waited = time.perf_counter()
@@ -165,7 +166,18 @@ class Pipeline:
                 lora_job, lora_step = None, index
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = await self._unet_step(model_input, engine_timesteps[index], embeddings, controls)
+            inputs = {"sample": model_input, "timestep": engine_timesteps[index], "encoder_hidden_states": embeddings}
+            residuals = None
+            if controls and not request.controlnet_async:
+                residuals = self._submit(inputs, controls)
+            elif controls:
+                if waiting is not None:
+                    held = await self._summed(waiting)
+                last = index == len(timesteps) - 1  # nothing would use the last step's residuals
+                submitted = None if last else self._submit(inputs, controls)
+                held = held if index else await self._summed(submitted)
+                residuals, waiting = held, (submitted if index else None)
+            noise = await self._unet_step(inputs, residuals)
             if guided:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + request.guidance_scale * (cond - uncond)
@@ -174,23 +186,33 @@ class Pipeline:
                 on_step(index + 1, len(timesteps), time.perf_counter() - begin)
         return DenoiseResult(latents, lora_step, wait_s, timings)
 
-    async def _unet_step(self, sample, timestep, embeddings, controls) -> torch.Tensor:
-        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeddings}
-        if not controls:
-            return self.engines["unet"](inputs)["noise_pred"]
-        pending = [(self.controlnets.submit(name, {**inputs, "controlnet_cond": image}), scale)
-                   for name, image, scale in controls]
-        hidden = self.engines["unet_encoder"](inputs)
+    def _submit(self, inputs: dict, controls: list) -> list:
+        """Starts every ControlNet of the request on this step's inputs."""
+        return [(self.controlnets.submit(name, {**inputs, "controlnet_cond": image}), scale)
+                for name, image, scale in controls]
+
+    async def _summed(self, submitted: list) -> list[torch.Tensor]:
+        """Awaits submitted ControlNets; their residuals scaled and summed in request order, as MultiControlNet."""
         names = self.engines["unet_decoder"].spec.inputs[1:-1]  # skips and mid, in order
-        residual_sum = None
-        for future, scale in pending:  # scaled and summed in request order, as diffusers' MultiControlNet
+        total = None
+        for future, scale in submitted:
             residuals = await future
             scaled = torch._foreach_mul([residuals[name] for name in names], scale)
-            residual_sum = scaled if residual_sum is None else torch._foreach_add(residual_sum, scaled)
-        summed = torch._foreach_add([hidden[name] for name in names], residual_sum)
-        decoder_inputs = dict(zip(names, summed))
+            total = scaled if total is None else torch._foreach_add(total, scaled)
+        return total
+
+    async def _unet_step(self, inputs: dict, residuals) -> torch.Tensor:
+        """Noise prediction. `residuals`: None (no ControlNet), submitted ControlNets (awaited after the encoder
+        has been launched, so they overlap it), or residuals already summed (asynchronous mode)."""
+        if residuals is None:
+            return self.engines["unet"](inputs)["noise_pred"]
+        hidden = self.engines["unet_encoder"](inputs)
+        if residuals and isinstance(residuals[0], tuple):
+            residuals = await self._summed(residuals)
+        names = self.engines["unet_decoder"].spec.inputs[1:-1]
+        decoder_inputs = dict(zip(names, torch._foreach_add([hidden[name] for name in names], residuals)))
         decoder_inputs["emb"] = hidden["emb"]
-        decoder_inputs["encoder_hidden_states"] = embeddings
+        decoder_inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"]
         return self.engines["unet_decoder"](decoder_inputs)["noise_pred"]
 
     def _start_loras(self, request: GenerationRequest, exact_lora_step: int | None, timings: LoraTimings):

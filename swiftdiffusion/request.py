@@ -66,6 +66,8 @@ class GenerationRequest:
     lora_mode: str = "bounded"
     # Last step before which the LoRAs must be patched in `bounded` mode; None: the configured default.
     lora_deadline: int | None = None
+    # Step t's decoder takes the ControlNet residuals of step t-1's latent, so ControlNets overlap whole steps.
+    controlnet_async: bool = False
 
 
 def check_catalog_name(field: str, name: str) -> None:

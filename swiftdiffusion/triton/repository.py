@@ -21,7 +21,8 @@ from ..request import Limits
 from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, PROGRESS_OUTPUTS, REQUEST_INPUTS, TensorSpec
 
 SOURCE = Path(__file__).resolve().parents[2] / "model_repository"
-MODELS = ("text_encoder", "denoiser", "controlnet", "vae_decoder", "text_to_image", "text_to_image_stream")
+MODELS = ("text_encoder", "denoiser", "controlnet", "vae_decoder", "text_to_image", "text_to_image_stream",
+          "baseline_diffusers")
 
 
 @dataclasses.dataclass
@@ -112,6 +113,11 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
             "text_to_image_stream", 1, _io(list(REQUEST_INPUTS), [IMAGE_OUTPUT, LORA_STEP_OUTPUT, *PROGRESS_OUTPUTS])
             + _instances(deployment, "denoiser") + _parameters(denoiser_params), decoupled=True),
         "text_to_image": _ensemble(),
+        # The benchmark's baseline (swiftdiffusion.triton.baseline): same schema, placed like the denoiser.
+        "baseline_diffusers": _python(
+            "baseline_diffusers", 1, _io(list(REQUEST_INPUTS), [IMAGE_OUTPUT, LORA_STEP_OUTPUT])
+            + _instances(deployment, "denoiser") + _parameters({**model, **catalogs, "max_steps": limits["max_steps"],
+                                                                "max_size": limits["max_size"]})),
     }
 
 

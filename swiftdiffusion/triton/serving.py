@@ -27,7 +27,7 @@ from ..lora_store import LoraStore
 from ..models import load_model
 from ..pipeline import Pipeline, to_uint8, uses_guidance
 from ..request import Limits, RequestError
-from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, request_from_tensors
+from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, REQUEST_INPUTS, request_from_tensors
 from .metrics import LoraMetrics
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -185,9 +185,7 @@ class BlsControlNets:
 
 
 # ---- denoiser (the orchestrator) ------------------------------------------------------------------------------
-REQUEST_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "height", "width", "scheduler",
-                  "lora_names", "lora_scales", "lora_mode", "lora_deadline", "controlnet_names",
-                  "controlnet_images", "controlnet_scales")
+REQUEST_FIELDS = tuple(spec.name for spec in REQUEST_INPUTS)
 
 
 class DenoiserModel(ModelBase):

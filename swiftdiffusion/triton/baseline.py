@@ -1,0 +1,124 @@
+"""`baseline_diffusers`: the way a typical Triton + diffusers deployment serves the same requests, to measure against.
+
+One Python model holds a `StableDiffusionControlNetPipeline` and a `StableDiffusionPipeline` over the same modules
+and runs each request start to finish, eagerly: per request `load_lora_weights` (one adapter per LoRA) +
+`set_adapters` + `fuse_lora`, the pipeline call (ControlNets as a `MultiControlNetModel`, run in series), then
+`unfuse_lora` + `unload_lora_weights`. ControlNets are loaded once per name and kept, as deployments usually do.
+It takes the request schema of `text_to_image` and validates it the same way, so one client and one load
+generator drive both; `lora_mode` is ignored (LoRAs are always fused before the first step: `lora_step` 0).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+from transformers.utils import logging as transformers_logging
+
+from ..catalog import resolve
+from ..lora_store import LoraStore
+from ..pipeline import SCHEDULERS
+from ..request import GenerationRequest, RequestError, validate
+from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, request_from_tensors
+from .metrics import SECONDS_BUCKETS
+from .serving import REQUEST_FIELDS, ModelBase
+
+
+class BaselineDiffusersModel(ModelBase):
+    """diffusers' pipelines as a typical deployment runs them: one request at a time, LoRAs fused per request."""
+
+    def setup(self) -> None:
+        # transformers/diffusers log a load report per adapter; a deployment silences them, so do we.
+        transformers_logging.set_verbosity_error()
+        diffusers_logging.set_verbosity_error()
+        self.pipe = StableDiffusionPipeline.from_pretrained(
+            self.params["model"], torch_dtype=self.dtype, safety_checker=None, requires_safety_checker=False,
+            local_files_only=True).to(self.device)
+        self.control_pipe = StableDiffusionControlNetPipeline(controlnet=MultiControlNetModel([]),
+                                                              **self.pipe.components)
+        for pipe in (self.pipe, self.control_pipe):
+            pipe.set_progress_bar_config(disable=True)
+        self.scheduler_config = dict(self.pipe.scheduler.config)
+        self.controlnet_root = Path(self.params["controlnet_catalog"])
+        self.controlnets: dict[str, ControlNetModel] = {}
+        # Only for its catalog resolution (name checks, local folder or fsspec URL) and fetching.
+        self.lora_files = LoraStore(self.params["lora_catalog"], {}, self.device, self.dtype, workers=1)
+        self.metric_family = self.pb.MetricFamily(
+            name="swiftdiffusion_baseline_lora_seconds", kind=self.pb.MetricFamily.HISTOGRAM,
+            description="baseline: load_lora_weights + set_adapters + fuse + unfuse + unload time per request")
+        self.lora_seconds = self.metric_family.Metric(labels={"model": self.config["name"]}, buckets=SECONDS_BUCKETS)
+
+    def execute(self, requests):
+        return [self._run(request) for request in requests]
+
+    def _run(self, request):
+        try:
+            generation = request_from_tensors(self.inputs(request, REQUEST_FIELDS))
+            self.check(generation)
+            image = self.generate(generation)
+            return self.pb.InferenceResponse([
+                self.tensor(IMAGE_OUTPUT.name, image[None]),
+                self.tensor(LORA_STEP_OUTPUT.name, np.array([[0 if generation.loras else -1]], np.int32))])
+        except Exception as error:  # one bad request must not take the instance down
+            return self.error(error)
+
+    def check(self, request: GenerationRequest) -> None:
+        """The same RequestErrors as `text_to_image`, before any work starts."""
+        validate(request, self.limits())
+        for lora in request.loras:
+            self.lora_files.locate(lora.name)
+        for control in request.controlnets:
+            resolve(self.controlnet_root, control.name, "", "controlnet_names")
+
+    def controlnet(self, name: str) -> ControlNetModel:
+        if name not in self.controlnets:
+            self.controlnets[name] = ControlNetModel.from_pretrained(
+                resolve(self.controlnet_root, name, "", "controlnet_names"), torch_dtype=self.dtype,
+                local_files_only=True).to(self.device)
+        return self.controlnets[name]
+
+    def generate(self, request: GenerationRequest) -> np.ndarray:
+        """uint8 [height, width, 3], as diffusers' own `numpy_to_pil` rounds it."""
+        kwargs = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, height=request.height,
+                      width=request.width, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+                      generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np")
+        if request.controlnets:
+            pipe = self.control_pipe
+            pipe.controlnet = MultiControlNetModel([self.controlnet(c.name) for c in request.controlnets])
+            kwargs.update(image=[Image.fromarray(c.image) for c in request.controlnets],
+                          controlnet_conditioning_scale=[c.scale for c in request.controlnets])
+        else:
+            pipe = self.pipe
+        pipe.scheduler = SCHEDULERS[request.scheduler].from_config(self.scheduler_config)
+        adapters = [f"lora{i}" for i in range(len(request.loras))]  # catalog names may hold '.', adapters may not
+        spent = 0.0
+        try:
+            begin = time.perf_counter()
+            for adapter, lora in zip(adapters, request.loras):
+                pipe.load_lora_weights(self._lora_state(lora.name), adapter_name=adapter)
+            if adapters:
+                pipe.set_adapters(adapters, adapter_weights=[lora.scale for lora in request.loras])
+                pipe.fuse_lora(adapter_names=adapters, lora_scale=1.0)
+            spent += time.perf_counter() - begin
+            image = pipe(**kwargs).images[0]
+        finally:
+            if adapters:
+                begin = time.perf_counter()
+                pipe.unfuse_lora()
+                pipe.unload_lora_weights()
+                self.lora_seconds.observe(spent + time.perf_counter() - begin)
+        return (image * 255).round().astype(np.uint8)
+
+    def _lora_state(self, name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_safetensors(self.lora_files.fetch(name))
+        except FileNotFoundError as error:
+            raise RequestError("lora_names", f"unknown name {name!r}") from error
+
