@@ -58,11 +58,15 @@ class GraphedEngine:
         self.weights = engine.weights
         self.clone_outputs = clone_outputs
         self.warmup = warmup
-        self.enabled = next(engine.module.parameters()).device.type == "cuda"
+        self.enabled = engine.module_device().type == "cuda"
         self.graphs: dict[tuple, _Captured] = {}
         self.capture_s: dict[tuple, float] = {}  # seconds spent warming up and capturing, per shape key
         self.failures: dict[tuple, str] = {}  # shape keys that would not capture, served eagerly
         self.pool = None  # one memory pool for all of this engine's graphs (they never run concurrently)
+        # A capture stream of its own: cuBLAS keys its workspace by stream, and graphs captured on torch's shared
+        # default capture stream share one workspace, which races when two graphs replay concurrently (a
+        # ControlNet on its side stream beside the UNet encoder): seen on an H100 as run-to-run image changes.
+        self.capture_stream = torch.cuda.Stream(engine.module_device()) if self.enabled else None
 
     def key(self, inputs: Mapping[str, torch.Tensor]) -> tuple:
         return tuple((tuple(inputs[name].shape), inputs[name].dtype) for name in self.spec.inputs)
@@ -98,7 +102,8 @@ class GraphedEngine:
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the LoRA loader thread may copy factors to the GPU while this thread captures.
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream,
+                                  capture_error_mode="thread_local"):
                 outputs = self.engine(static)
         except RuntimeError as error:
             log.warning("CUDA graph capture failed for %s; running it eagerly: %s", key, error)

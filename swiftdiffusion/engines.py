@@ -118,6 +118,9 @@ class TorchEngine:
             result = (result,)
         return dict(zip(self.spec.outputs, result))
 
+    def module_device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
     def patch(self, patch: WeightPatch) -> None:
         self.weights.patch(patch)
 
