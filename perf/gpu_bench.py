@@ -377,20 +377,21 @@ class Ours:
     timings: Timings
     model: LoadedModel
     catalog: ControlNetCatalog
-    controlnet_async: bool = False
+    controlnet_mode: str = "overlap"
 
     @classmethod
     def create(cls, root: Path, model: LoadedModel, catalog: ControlNetCatalog, settings: Settings,
-               overlap: bool = False, controlnet_async: bool = False) -> Ours:
-        """`overlap`: ControlNets on their own CUDA streams; `controlnet_async`: step t uses step t-1's residuals."""
+               overlap: bool = False, controlnet_mode: str = "overlap") -> Ours:
+        """`overlap`: ControlNets on their own CUDA streams; `controlnet_mode` async: step t uses step t-1's
+        residuals."""
         timings = Timings(settings.cuda)
         timed = dataclasses.replace(model, engines={n: TimedEngine(e, n, timings) for n, e in model.engines.items()})
         store = TimedLoraStore(root / "loras", model.weight_shapes, model.device, model.dtype)
         return cls(Pipeline(timed, TimedControlNets(catalog, timings, overlap), store), store, timings, model,
-                   catalog, controlnet_async)
+                   catalog, controlnet_mode)
 
     def run(self, request: GenerationRequest, exact_lora_step: int | None = None) -> dict:
-        request = dataclasses.replace(request, controlnet_async=self.controlnet_async)
+        request = dataclasses.replace(request, controlnet_mode=self.controlnet_mode)
         stamps: list[float] = []
         self.store.load_s.clear()
         begin = time.perf_counter()
@@ -672,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
                 "graphed": lambda: Ours.create(root, graphed_model, graphed_catalog, settings),
                 "overlap": lambda: Ours.create(root, graphed_model, graphed_catalog, settings, overlap=True),
                 "cnasync": lambda: Ours.create(root, graphed_model, graphed_catalog, settings, overlap=True,
-                                               controlnet_async=True)}
+                                               controlnet_mode="async")}
             state["ours"] = {name: variants[name]() for name in ("eager", "graphed", *args.variants)}
             state["diffusers"] = Diffusers(root, settings)
             unet = model.engines["unet"].module.unet

@@ -154,7 +154,7 @@ class Pipeline:
         timesteps = scheduler.timesteps
         engine_timesteps = timesteps.to(model.device, torch.float32).reshape(-1, 1)
 
-        held = waiting = None  # ControlNet asynchronous mode: residuals in use, work submitted a step ago
+        held = waiting = None  # ControlNet async mode: residuals in use, work submitted a step ago
         for index, t in enumerate(timesteps):
             if lora_job is not None and (index >= deadline or (exact_lora_step is None and lora_job.done())):
                 waited = time.perf_counter()
@@ -168,8 +168,10 @@ class Pipeline:
             model_input = scheduler.scale_model_input(model_input, t)
             inputs = {"sample": model_input, "timestep": engine_timesteps[index], "encoder_hidden_states": embeddings}
             residuals = None
-            if controls and not request.controlnet_async:
-                residuals = self._submit(inputs, controls)
+            if controls and request.controlnet_mode == "overlap":
+                residuals = self._submit(inputs, controls)  # awaited once the encoder is launched
+            elif controls and request.controlnet_mode == "sequential":
+                residuals = await self._summed(self._submit(inputs, controls))
             elif controls:
                 if waiting is not None:
                     held = await self._summed(waiting)

@@ -15,6 +15,9 @@ import numpy as np
 
 SCHEDULER_NAMES = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc")
 LORA_MODES = ("bounded", "sync")
+# overlap: ControlNets run while the UNet encoder does; sequential: before it (the baseline); async: step t's
+# decoder takes step t-1's residuals, so ControlNets overlap whole steps (for slow links between devices).
+CONTROLNET_MODES = ("overlap", "sequential", "async")
 # Catalog names: one plain path component, so that a name can never reach outside its catalog folder.
 CATALOG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
@@ -66,8 +69,7 @@ class GenerationRequest:
     lora_mode: str = "bounded"
     # Last step before which the LoRAs must be patched in `bounded` mode; None: the configured default.
     lora_deadline: int | None = None
-    # Step t's decoder takes the ControlNet residuals of step t-1's latent, so ControlNets overlap whole steps.
-    controlnet_async: bool = False
+    controlnet_mode: str = "overlap"
 
 
 def check_catalog_name(field: str, name: str) -> None:
@@ -93,6 +95,9 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
         raise RequestError("scheduler", f"unknown scheduler {request.scheduler!r}; one of {', '.join(SCHEDULER_NAMES)}")
     if request.lora_mode not in LORA_MODES:
         raise RequestError("lora_mode", f"unknown mode {request.lora_mode!r}; one of {', '.join(LORA_MODES)}")
+    if request.controlnet_mode not in CONTROLNET_MODES:
+        raise RequestError("controlnet_mode", f"unknown mode {request.controlnet_mode!r}; "
+                                              f"one of {', '.join(CONTROLNET_MODES)}")
     if request.lora_deadline is not None:
         _check_range("lora_deadline", request.lora_deadline, 0, request.steps)
     _validate_addons(request, limits)

@@ -27,7 +27,7 @@ class TensorSpec:
 
 
 TRITON_TO_NUMPY = {"TYPE_STRING": np.object_, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64,
-                   "TYPE_FP32": np.float32, "TYPE_UINT8": np.uint8, "TYPE_BOOL": np.bool_}
+                   "TYPE_FP32": np.float32, "TYPE_UINT8": np.uint8}
 DEFAULTS = GenerationRequest(prompt="")
 
 REQUEST_INPUTS = (
@@ -46,8 +46,8 @@ REQUEST_INPUTS = (
     TensorSpec("controlnet_names", "TYPE_STRING", (-1,), doc="ControlNet catalog names"),
     TensorSpec("controlnet_images", "TYPE_UINT8", (-1, -1, -1, 3), doc="one HxWx3 control image per ControlNet"),
     TensorSpec("controlnet_scales", "TYPE_FP32", (-1,), doc="one scale per ControlNet (default 1.0 each)"),
-    TensorSpec("controlnet_async", "TYPE_BOOL", (1,), doc="use step t-1's ControlNet residuals at step t "
-                                                         "(default false)"),
+    TensorSpec("controlnet_mode", "TYPE_STRING", (1,), doc="`overlap` (default), `sequential` or `async` "
+                                                          "(step t uses step t-1's residuals)"),
 )
 IMAGE_OUTPUT = TensorSpec("image", "TYPE_UINT8", (-1, -1, 3), optional=False, doc="the image, HxWx3")
 LORA_STEP_OUTPUT = TensorSpec("lora_step", "TYPE_INT32", (1,), optional=False,
@@ -122,7 +122,7 @@ def request_from_tensors(inputs: dict[str, np.ndarray]) -> GenerationRequest:
                           for n, i, s in zip(controlnet_names, images, controlnet_scales)),
         lora_mode=_scalar(inputs, "lora_mode", DEFAULTS.lora_mode),
         lora_deadline=None if deadline is None else int(deadline),
-        controlnet_async=bool(_scalar(inputs, "controlnet_async", DEFAULTS.controlnet_async)),
+        controlnet_mode=_scalar(inputs, "controlnet_mode", DEFAULTS.controlnet_mode),
     )
 
 
@@ -139,8 +139,8 @@ def tensors_from_request(request: GenerationRequest) -> dict[str, np.ndarray]:
         "scheduler": np.array([[request.scheduler.encode()]], dtype=np.object_),
         "lora_mode": np.array([[request.lora_mode.encode()]], dtype=np.object_),
     }
-    if request.controlnet_async:
-        tensors["controlnet_async"] = np.array([[True]], dtype=np.bool_)
+    if request.controlnet_mode != DEFAULTS.controlnet_mode:
+        tensors["controlnet_mode"] = np.array([[request.controlnet_mode.encode()]], dtype=np.object_)
     if request.lora_deadline is not None:
         tensors["lora_deadline"] = np.array([[request.lora_deadline]], dtype=np.int32)
     if request.loras:

@@ -110,6 +110,6 @@ def test_same_seed_same_image_and_weights_restored(pipeline):
 def test_controlnet_async_mode_uses_the_previous_steps_residuals(pipeline):
     """Asynchronous ControlNets change the image a little (step t sees step t-1's residuals), never a lot."""
     synchronous = pipeline.generate(CASES["two_controlnets"]).image
-    asynchronous = pipeline.generate(dataclasses.replace(CASES["two_controlnets"], controlnet_async=True)).image
+    asynchronous = pipeline.generate(dataclasses.replace(CASES["two_controlnets"], controlnet_mode="async")).image
     plain = pipeline.generate(CASES["no_addons"]).image
     assert 0 < max_diff(asynchronous, synchronous) < max_diff(plain, synchronous)

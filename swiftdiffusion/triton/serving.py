@@ -24,7 +24,8 @@ import torch
 from ..catalog import resolve
 from ..controlnets import ControlNetCatalog
 from ..lora_store import LoraStore
-from ..models import load_model
+from ..cuda_graphs import GraphedControlNetCatalog, graph_engines
+from ..models import LoadedModel, load_model
 from ..pipeline import Pipeline, to_uint8, uses_guidance
 from ..request import Limits, RequestError
 from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, REQUEST_INPUTS, request_from_tensors
@@ -77,6 +78,11 @@ class ModelBase:
             value = value.detach().cpu().numpy()
         return self.pb.Tensor(name, np.ascontiguousarray(value))
 
+    def load(self, parts: tuple[str, ...]) -> LoadedModel:
+        """The model's engines for these parts; on a GPU as CUDA graphs with channels-last weights."""
+        model = load_model(self.params["model"], self.device, self.dtype, parts=parts)
+        return graph_engines(model, channels_last=True) if self.device.type == "cuda" else model
+
     def limits(self) -> Limits:
         return Limits(max_steps=int(self.params.get("max_steps", Limits.max_steps)),
                       max_size=int(self.params.get("max_size", Limits.max_size)))
@@ -87,7 +93,7 @@ class TextEncoderModel(ModelBase):
     """Prompt pairs of every request in the batch, encoded in one call: [batch, 2 (negative, positive), 77, D]."""
 
     def setup(self) -> None:
-        self.model = load_model(self.params["model"], self.device, self.dtype, parts=("text_encoder",))
+        self.model = self.load(("text_encoder",))
         self.pipeline = Pipeline(self.model)
 
     def execute(self, requests):
@@ -115,7 +121,7 @@ class VaeDecoderModel(ModelBase):
     """Latents of a batch of requests (same size: Triton batches equal shapes only) to uint8 images."""
 
     def setup(self) -> None:
-        self.engine = load_model(self.params["model"], self.device, self.dtype, parts=("vae",)).engines["vae_decoder"]
+        self.engine = self.load(("vae",)).engines["vae_decoder"]
 
     def execute(self, requests):
         latents = torch.cat([torch.from_numpy(self.pb.get_input_tensor_by_name(r, "latents").as_numpy())
@@ -133,8 +139,10 @@ class ControlNetServiceModel(ModelBase):
     """Any ControlNet of the catalog by name; the most recently used stay loaded on this instance's device."""
 
     def setup(self) -> None:
-        self.catalog = ControlNetCatalog(self.params["controlnet_catalog"], self.device, self.dtype,
-                                         capacity=int(self.params.get("resident_controlnets", "4")))
+        args = (self.params["controlnet_catalog"], self.device, self.dtype,
+                int(self.params.get("resident_controlnets", "4")))
+        gpu = self.device.type == "cuda"
+        self.catalog = GraphedControlNetCatalog(*args, channels_last=True) if gpu else ControlNetCatalog(*args)
 
     def execute(self, requests):
         return [self._run(request) for request in requests]
@@ -194,7 +202,7 @@ class DenoiserModel(ModelBase):
     parts = ("text_encoder", "unet")  # the text encoder re-encodes prompts for text-encoder LoRA layers
 
     def setup(self) -> None:
-        model = load_model(self.params["model"], self.device, self.dtype, parts=self.parts)
+        model = self.load(self.parts)
         controlnet_outputs = model.engines["unet_decoder"].spec.inputs[1:-1]
         controlnets = BlsControlNets(self.pb, self.params.get("controlnet_model", "controlnet"),
                                      self.params["controlnet_catalog"], controlnet_outputs, self.device)
