@@ -31,7 +31,8 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
         raise SystemExit("--model needs --controlnets and --loras too")
     gpus = {"denoiser": [[0]], "text_encoder": [[0]], "vae_decoder": [[0]],
             "controlnet": [[g] for g in args.controlnet_gpus]} if args.device == "cuda" else {}
-    return Deployment(model=Path(args.model), controlnet_catalog=Path(args.controlnets), lora_catalog=str(args.loras),
+    return Deployment(model=Path(args.model), model_config=args.model_config,
+                      controlnet_catalog=Path(args.controlnets), lora_catalog=str(args.loras),
                       dtype=args.dtype, gpus=gpus, controlnet_instances=args.controlnet_instances,
                       torch_threads=args.torch_threads,
                       limits=Limits(max_steps=args.max_steps, max_size=args.max_size))
@@ -39,7 +40,9 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, help="diffusers SD1.5 folder (default: the built-in tiny model)")
+    p.add_argument("--model", type=Path, help="diffusers SD1.5 folder, or a single-file .safetensors checkpoint "
+                                              "(default: the built-in tiny model)")
+    p.add_argument("--model-config", type=Path, help="with a single-file checkpoint: its diffusers config folder")
     p.add_argument("--controlnets", type=Path, help="folder of ControlNet folders, one per name")
     p.add_argument("--loras", help="folder or fsspec URL of <name>.safetensors LoRA files")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

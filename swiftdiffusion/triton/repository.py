@@ -30,6 +30,8 @@ class Deployment:
     model: Path
     controlnet_catalog: Path
     lora_catalog: str  # folder or fsspec URL
+    # With a single-file `.safetensors` checkpoint as `model`: the diffusers config folder it follows.
+    model_config: Path | None = None
     dtype: str = "float32"
     # instance_group per model: [] = one CPU instance; [[0], [1]] = one instance on GPU 0 and one on GPU 1.
     gpus: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)
@@ -76,12 +78,15 @@ def _python(name: str, max_batch_size: int, body: str, batching: bool = False, d
 
 def render_configs(deployment: Deployment) -> dict[str, str]:
     """config.pbtxt text per model."""
-    text_width = CLIPTextConfig.from_pretrained(deployment.model / "text_encoder").hidden_size
-    unet_config = UNet2DConditionModel.load_config(deployment.model / "unet")
+    config_root = deployment.model_config or deployment.model
+    text_width = CLIPTextConfig.from_pretrained(config_root / "text_encoder").hidden_size
+    unet_config = UNet2DConditionModel.load_config(config_root / "unet")
     latent_channels = unet_config["in_channels"]
     skips = skip_names(skip_count(argparse.Namespace(**unet_config)))
     common = {"dtype": deployment.dtype, "torch_threads": deployment.torch_threads}
     model = {"model": deployment.model.resolve(), **common}
+    if deployment.model_config is not None:
+        model["model_config"] = deployment.model_config.resolve()
     catalogs = {"controlnet_catalog": deployment.controlnet_catalog.resolve(),
                 "lora_catalog": deployment.lora_catalog}
     embeddings = TensorSpec("text_embeddings", "TYPE_FP32", (2, 77, text_width), optional=False)

@@ -80,7 +80,7 @@ class ModelBase:
 
     def load(self, parts: tuple[str, ...]) -> LoadedModel:
         """The model's engines for these parts; on a GPU as CUDA graphs with channels-last weights."""
-        model = load_model(self.params["model"], self.device, self.dtype, parts=parts)
+        model = load_model(self.params["model"], self.device, self.dtype, self.params.get("model_config"), parts)
         return graph_engines(model, channels_last=True) if self.device.type == "cuda" else model
 
     def limits(self) -> Limits:
