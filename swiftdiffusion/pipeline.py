@@ -154,7 +154,7 @@ class Pipeline:
         timesteps = scheduler.timesteps
         engine_timesteps = timesteps.to(model.device, torch.float32).reshape(-1, 1)
 
-        held = waiting = None  # ControlNet async mode: residuals in use, work submitted a step ago
+        held = waiting = None  # async ControlNet mode: residuals in use, work submitted one step ago
         for index, t in enumerate(timesteps):
             if lora_job is not None and (index >= deadline or (exact_lora_step is None and lora_job.done())):
                 waited = time.perf_counter()
@@ -167,19 +167,19 @@ class Pipeline:
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             inputs = {"sample": model_input, "timestep": engine_timesteps[index], "encoder_hidden_states": embeddings}
-            residuals = None
+            submitted = summed = None
             if controls and request.controlnet_mode == "overlap":
-                residuals = self._submit(inputs, controls)  # awaited once the encoder is launched
+                submitted = self._submit(inputs, controls)  # awaited once the encoder is launched
             elif controls and request.controlnet_mode == "sequential":
-                residuals = await self._summed(self._submit(inputs, controls))
-            elif controls:
-                if waiting is not None:
+                summed = await self._summed(self._submit(inputs, controls))
+            elif controls:  # async: step t uses the residuals of step t-1's latent (step 0 its own)
+                if index == 0:
+                    held = await self._summed(self._submit(inputs, controls))
+                elif waiting is not None:
                     held = await self._summed(waiting)
-                last = index == len(timesteps) - 1  # nothing would use the last step's residuals
-                submitted = None if last else self._submit(inputs, controls)
-                held = held if index else await self._summed(submitted)
-                residuals, waiting = held, (submitted if index else None)
-            noise = await self._unet_step(inputs, residuals)
+                waiting = self._submit(inputs, controls) if 0 < index < len(timesteps) - 1 else None
+                summed = held
+            noise = await self._unet_step(inputs, submitted, summed)
             if guided:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + request.guidance_scale * (cond - uncond)
@@ -203,16 +203,19 @@ class Pipeline:
             total = scaled if total is None else torch._foreach_add(total, scaled)
         return total
 
-    async def _unet_step(self, inputs: dict, residuals) -> torch.Tensor:
-        """Noise prediction. `residuals`: None (no ControlNet), submitted ControlNets (awaited after the encoder
-        has been launched, so they overlap it), or residuals already summed (asynchronous mode)."""
-        if residuals is None:
+    async def _unet_step(self, inputs: dict, submitted: list | None, summed: list | None) -> torch.Tensor:
+        """Noise prediction: the full UNet without ControlNets; else encoder, residuals added, decoder.
+
+        `submitted` ControlNets are awaited only after the encoder has been launched, so they overlap it;
+        `summed` residuals are already at hand (sequential and asynchronous modes).
+        """
+        if submitted is None and summed is None:
             return self.engines["unet"](inputs)["noise_pred"]
         hidden = self.engines["unet_encoder"](inputs)
-        if residuals and isinstance(residuals[0], tuple):
-            residuals = await self._summed(residuals)
+        if summed is None:
+            summed = await self._summed(submitted)
         names = self.engines["unet_decoder"].spec.inputs[1:-1]
-        decoder_inputs = dict(zip(names, torch._foreach_add([hidden[name] for name in names], residuals)))
+        decoder_inputs = dict(zip(names, torch._foreach_add([hidden[name] for name in names], summed)))
         decoder_inputs["emb"] = hidden["emb"]
         decoder_inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"]
         return self.engines["unet_decoder"](decoder_inputs)["noise_pred"]
