@@ -184,8 +184,13 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file is not None else None
         self._log = self.log_file.open("wb") if self.log_file is not None else None
         cmd = self.command(Path(model_repository).resolve(), model_control_mode, extra_args)
+        env = self.install.environ()
+        # Every model instance is a process with its own OpenMP pool. Spinning idle pools (OpenMP's default wait
+        # policy) take the cores from the one instance that computes: on 2 cores a 4-step request went from
+        # 1.9 s to 0.19 s with passive waiting.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.process = subprocess.Popen(
-            cmd, env=self.install.environ(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def wait_ready(self, timeout: float = 300.0) -> None:
