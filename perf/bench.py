@@ -9,7 +9,11 @@ same seeded traces, one system at a time on one tritonserver. Phases:
 2. closed loop on mix A at concurrency 1..N: single-request cost and peak throughput;
 3. open loop (Poisson) per mix at offered loads given as fractions of the baseline's single-request service
    rate on mix A (or absolute `--rates`), so the run sizes itself to the machine.
+4. optionally (`--perf-analyzer 1:3`) perf_analyzer over both models, into OUT/perf_analyzer.
 Writes bench.json, bench.md, PNG charts and the traces it sent (replayable with perf/workload.py).
+
+The defaults (small model, 192x192, 10 steps, 12 requests per open-loop run) take about 12-15 minutes on 2 CPU
+cores, where one mix-A request costs about 3 s (ours) and 4.5 s (baseline) alone; 256x256 doubles that.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -53,7 +58,8 @@ CRITICAL = {"ours": ("wait", "patch", "restore"), "baseline": ("load_fuse_unfuse
 
 # ---- catalogs -------------------------------------------------------------------------------------------------
 def prepare(root: Path, size: str, lora_count: int, seed: int = 0) -> tuple[Path, Path, Path]:
-    """The model, a ControlNet catalog with two more ControlNets and a catalog of `lora_count` LoRAs (once)."""
+    """The model, a ControlNet catalog with two more ControlNets, a catalog of `lora_count` LoRAs (built once)
+    plus the model's three named ones."""
     ensure_model(root, size, seed)
     model, controlnets, loras = root / "model", root / "controlnets", root / "lora_catalog"
     unet = UNet2DConditionModel.from_pretrained(model / "unet")
@@ -61,9 +67,11 @@ def prepare(root: Path, size: str, lora_count: int, seed: int = 0) -> tuple[Path
         if not (controlnets / name / "config.json").is_file():
             torch.manual_seed(seed + 100 + index)
             build_controlnet(unet, SIZES[size]).save_pretrained(controlnets / name)
-    if len(list(loras.glob("*.safetensors"))) != lora_count:
+    if len(list(loras.glob("lora_*.safetensors"))) != lora_count:
         write_lora_catalog(loras, unet, CLIPTextModel.from_pretrained(model / "text_encoder"),
                            SIZES[size].lora_rank, lora_count, seed)
+    for builtin in (root / "loras").glob("*.safetensors"):  # the names perf/inputs (perf_analyzer) ask for
+        shutil.copy(builtin, loras / builtin.name)
     return model, controlnets, loras
 
 
@@ -123,6 +131,8 @@ def measure(kind: str, system: str, mix_name: str, entries: list[TraceEntry], ar
     else:
         outcomes, wall = run_closed_loop(args.url, SYSTEMS[system], entries, extra["concurrency"], args.timeout)
     stats = summarize(outcomes, wall)
+    if kind == "open":  # a short Poisson sample arrives faster or slower than its nominal rate
+        stats["arrival_per_min"] = 60.0 * len(entries) / max(entries[-1].time_s, 1e-9)
     run = {"kind": kind, "system": system, "mix": mix_name, **extra, **stats,
            "lora_s": lora_seconds(system, before, scrape(args.metrics_url), stats["requests"] - stats["failures"]),
            "latencies_s": [o.latency_s for o in outcomes if o.ok], "errors": sorted({o.error for o in outcomes
@@ -166,7 +176,17 @@ def benchmark(args) -> dict:
         write_trace(traces_dir / f"mix_{name}_{offered:.2f}_per_min.csv", entries)
         for system in SYSTEMS:
             runs.append(measure("open", system, name, entries, args, {"offered_per_min": offered}))
+    swept = None
+    if args.perf_analyzer:
+        import perf_analyzer  # perf/perf_analyzer.py, next to this script
+
+        folder = args.out / "perf_analyzer"
+        perf_analyzer.write_inputs(folder / "inputs", args.resolution, args.steps)
+        swept = json.loads(perf_analyzer.sweep(
+            args.url, list(SYSTEMS.values()), "1c1l", folder / "inputs", args.perf_analyzer, args.closed_requests,
+            folder, ("--max-trials", "3", "--stability-percentage", "1000")).read_text())  # see its --stability
     return {"config": config(args, controlnets, loras), "single_request_s": single, "runs": runs,
+            "perf_analyzer": swept,
             "ratios": ratios(runs), "peak_throughput_per_min": {
                 s: max((r["throughput_per_min"] for r in runs if r["kind"] == "closed" and r["system"] == s),
                        default=None) for s in SYSTEMS}}
@@ -224,10 +244,10 @@ def charts(result: dict, out: Path) -> list[Path]:
             runs = sorted((r for r in opened if r["mix"] == name and r["system"] == system),
                           key=lambda r: r["offered_per_min"])
             offered = [r["offered_per_min"] for r in runs]
-            axes[0][column].plot(offered, [r["mean_s"] for r in runs], "o-", color=colors[system], label=f"{system} mean")
-            axes[0][column].plot(offered, [r["p95_s"] for r in runs], "s--", color=colors[system], label=f"{system} p95")
-            axes[1][column].plot(offered, [r["throughput_per_min"] for r in runs], "o-", color=colors[system],
-                                 label=system)
+            top, bottom = axes[0][column], axes[1][column]
+            top.plot(offered, [r["mean_s"] for r in runs], "o-", color=colors[system], label=f"{system} mean")
+            top.plot(offered, [r["p95_s"] for r in runs], "s--", color=colors[system], label=f"{system} p95")
+            bottom.plot(offered, [r["throughput_per_min"] for r in runs], "o-", color=colors[system], label=system)
         axes[0][column].set(title=f"mix {name}: latency vs offered load", xlabel="offered (requests/min)",
                             ylabel="latency (s)")
         axes[1][column].set(title=f"mix {name}: throughput vs offered load", xlabel="offered (requests/min)",
@@ -267,7 +287,9 @@ def report(result: dict, charts_written: list[Path]) -> str:
         f"{c['time']}, {c['machine']}, {c['cpu_count']} CPUs, torch {c['torch']}, torch_threads {c['torch_threads']}. "
         f"Model {c['model']}, {c['resolution']}x{c['resolution']}, {c['steps']} steps; "
         f"{len(c['controlnet_names'])} ControlNets, {c['lora_catalog_size']} LoRAs in the catalog. "
-        "Ours runs LoRAs in `bounded` mode; the baseline loads, fuses, unfuses and unloads them per request.", "",
+        "Ours runs LoRAs in `bounded` mode; the baseline loads, fuses, unfuses and unloads them per request. "
+        "Each model instance runs torch_threads threads: ours' denoiser and two ControlNet instances may compute "
+        "at once, the baseline's single instance computes one request at a time.", "",
         "Single request (closed loop, concurrency 1, mix A): " + ", ".join(
             f"{s} {_fmt(v)} s" for s, v in result["single_request_s"].items()) + ". Peak throughput (closed loop): "
         + ", ".join(f"{s} {_fmt(v)}/min" for s, v in result["peak_throughput_per_min"].items()) + ".", "",
@@ -290,7 +312,10 @@ def report(result: dict, charts_written: list[Path]) -> str:
               "metrics. Ours: waiting for the background load at the deadline step + patching + restoring "
               "(`swiftdiffusion_lora_{wait,patch,restore}_seconds` of `denoiser`; the response itself carries only "
               "`lora_step`). Baseline: load_lora_weights + set_adapters + fuse + unfuse + unload "
-              "(`swiftdiffusion_baseline_lora_seconds`). Open-loop latency counts from the scheduled arrival.", "",
+              "(`swiftdiffusion_baseline_lora_seconds`). Open-loop latency counts from the scheduled arrival; "
+              f"open-loop runs hold {c['requests']} requests each (closed-loop runs {c['closed_requests']}), so p95 "
+              "and p99 are close to the maximum; a run's realized arrival rate is `arrival_per_min` in bench.json.",
+              "",
               "Charts: " + ", ".join(f"`{p.name}`" for p in charts_written) + "."]
     return "\n".join(lines) + "\n"
 
@@ -306,7 +331,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=Path, default=PROJECT / "models" / "small", help="model root to build/use")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--lora-count", type=int, default=200, help="LoRAs in the generated catalog")
-    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per model instance")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads per model instance; 1 on 2 cores: ours runs up to 3 instances at once "
+                        "(denoiser + 2 ControlNets), and 2 threads each oversubscribe the cores and stall on spinning")
     p.add_argument("--resolution", type=int, default=192)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--mixes", nargs="+", default=["A", "B"], choices=["A", "B"])
@@ -314,9 +341,12 @@ def parser() -> argparse.ArgumentParser:
                    help="offered loads, as fractions of the baseline's single-request rate on mix A")
     p.add_argument("--rates", type=float, nargs="+", help="offered loads in requests/min (instead of --loads)")
     p.add_argument("--trace", type=Path, help="replay this trace file (CSV/JSON) instead of generated mixes")
-    p.add_argument("--requests", type=int, default=10, help="requests per open-loop run")
+    p.add_argument("--requests", type=int, default=12, help="requests per open-loop run")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 3], help="closed-loop levels")
     p.add_argument("--closed-requests", type=int, default=6, help="requests per closed-loop run")
+    p.add_argument("--perf-analyzer", metavar="RANGE",
+                   help="also sweep perf_analyzer over this concurrency range (e.g. 1:3), both models, into OUT/"
+                        "perf_analyzer (1 ControlNet + 1 LoRA inputs at --resolution/--steps)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up requests per system")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before a request counts as failed")
@@ -334,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             repository = write_repository(args.out / "tmp" / "repository", Deployment(
                 model=model, controlnet_catalog=args.controlnets, lora_catalog=str(args.loras),
                 controlnet_instances=2, resident_controlnets=len(EXTRA_CONTROLNETS) + 2,
-                torch_threads=args.torch_threads))
+                torch_threads=args.torch_threads, baseline=True))
             server = TritonServer()
             server.start(repository, free_ports(3), extra_args=SHM_ARGS, log_file=args.out / "tmp" / "server.log")
             server.wait_ready(timeout=900)

@@ -62,6 +62,7 @@ class Mix:
 
 
 def load_stats(path: Path = STATS_PATH) -> dict:
+    """The published trace statistics, kept as data so that the numbers and their source travel together."""
     return json.loads(Path(path).read_text())
 
 
@@ -77,6 +78,7 @@ def zipf_exponent(distinct: int, top: int, share: float) -> float:
 
 
 def mix(name: str, stats: dict | None = None) -> Mix:
+    """Service `name` ("A" or "B") of the trace statistics."""
     service = (stats or load_stats())["services"][name]
     top = service["top_controlnets"]
     return Mix(name, {int(k): v for k, v in service["controlnets_per_request"].items()},
@@ -84,14 +86,15 @@ def mix(name: str, stats: dict | None = None) -> Mix:
                zipf_exponent(service["distinct_controlnets"], top["count"], top["share_of_uses"]))
 
 
-def generate(mix: Mix, count: int, controlnets: Sequence[str], loras: Sequence[str], rate_per_s: float | None = None,
-             steps: int = 10, size: int = 128, seed: int = 0) -> list[TraceEntry]:
-    """`count` requests of `mix` over these catalogs (`controlnets` most popular first); Poisson at `rate_per_s`."""
+def generate(service: Mix, count: int, controlnets: Sequence[str], loras: Sequence[str],
+             rate_per_s: float | None = None, steps: int = 10, size: int = 192, seed: int = 0) -> list[TraceEntry]:
+    """`count` requests shaped as `service` over these catalogs (`controlnets` most popular first), arriving as a
+    Poisson process at `rate_per_s` (None: closed loop, every time 0)."""
     rng = np.random.default_rng(seed)
-    popularity = np.arange(1, len(controlnets) + 1, dtype=np.float64) ** -mix.controlnet_zipf
+    popularity = np.arange(1, len(controlnets) + 1, dtype=np.float64) ** -service.controlnet_zipf
     popularity /= popularity.sum()
-    cn_counts, cn_probs = zip(*sorted(mix.controlnet_counts.items()))
-    lora_counts, lora_probs = zip(*sorted(mix.lora_counts.items()))
+    cn_counts, cn_probs = zip(*sorted(service.controlnet_counts.items()))
+    lora_counts, lora_probs = zip(*sorted(service.lora_counts.items()))
     time_s, entries = 0.0, []
     for _ in range(count):
         if rate_per_s is not None:

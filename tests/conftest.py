@@ -48,7 +48,7 @@ def server(tiny_root, tmp_path_factory):
 
     repository = write_repository(tmp_path_factory.mktemp("repository"), Deployment(
         model=tiny_root / "model", controlnet_catalog=tiny_root / "controlnets", lora_catalog=str(tiny_root / "loras"),
-        controlnet_instances=2, torch_threads=1, resident_controlnets=1))
+        controlnet_instances=2, torch_threads=1, resident_controlnets=1, baseline=True))
     triton = TritonServer()
     triton.start(repository, free_ports(3), extra_args=SHM_ARGS, log_file=repository / "server.log")
     try:

@@ -19,12 +19,13 @@ def test_bench_smoke_writes_json_charts_and_summary(server, tiny_root, tmp_path)
                "--metrics-url", server.metrics_url, "--controlnets", str(tiny_root / "controlnets"),
                "--loras", str(tiny_root / "loras"), "--out", str(tmp_path), "--resolution", "64", "--steps", "2",
                "--mixes", "A", "--loads", "0.8", "--requests", "2", "--concurrency", "1", "--closed-requests", "2",
-               "--warmup", "1"]
+               "--warmup", "1", "--perf-analyzer", "1:1"]
     subprocess.run(command, check=True, cwd=PROJECT, timeout=300)
 
     result = json.loads((tmp_path / "bench.json").read_text())
     runs = result["runs"]
-    assert {(r["kind"], r["system"]) for r in runs} == {(k, s) for k in ("open", "closed") for s in ("ours", "baseline")}
+    pairs = {(kind, system) for kind in ("open", "closed") for system in ("ours", "baseline")}
+    assert {(r["kind"], r["system"]) for r in runs} == pairs
     for run in runs:
         assert set(STATS) <= set(run)
         assert run["requests"] == 2 and run["failures"] == 0 and len(run["latencies_s"]) == 2
@@ -40,3 +41,7 @@ def test_bench_smoke_writes_json_charts_and_summary(server, tiny_root, tmp_path)
     summary = (tmp_path / "bench.md").read_text()
     assert "Ratios ours / baseline" in summary and "| open | ours | A |" in summary
     assert list((tmp_path / "traces").glob("mix_A_*.csv"))
+    swept = result["perf_analyzer"]
+    assert set(swept["models"]) == {"text_to_image", "baseline_diffusers"}
+    assert swept["ours_over_baseline"][0]["concurrency"] == 1
+    assert all((tmp_path / "perf_analyzer" / f"{m}_1c1l.csv").is_file() for m in swept["models"])

@@ -5,17 +5,20 @@ and runs each request start to finish, eagerly: per request `load_lora_weights` 
 `set_adapters` + `fuse_lora`, the pipeline call (ControlNets as a `MultiControlNetModel`, run in series), then
 `unfuse_lora` + `unload_lora_weights`. ControlNets are loaded once per name and kept, as deployments usually do.
 It takes the request schema of `text_to_image` and validates it the same way, so one client and one load
-generator drive both; `lora_mode` is ignored (LoRAs are always fused before the first step: `lora_step` 0).
+generator drive both. Fields that choose how ours schedules the work (`lora_mode`, `controlnet_mode`, ...) are
+validated and ignored: LoRAs are always fused before the first step (`lora_step` 0), ControlNets always run
+before the UNet, in series.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers import ControlNetModel, PNDMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
@@ -24,6 +27,7 @@ from transformers.utils import logging as transformers_logging
 
 from ..catalog import resolve
 from ..lora_store import LoraStore
+from ..models import load_components
 from ..pipeline import SCHEDULERS
 from ..request import GenerationRequest, RequestError, validate
 from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, request_from_tensors
@@ -35,12 +39,16 @@ class BaselineDiffusersModel(ModelBase):
     """diffusers' pipelines as a typical deployment runs them: one request at a time, LoRAs fused per request."""
 
     def setup(self) -> None:
-        # transformers/diffusers log a load report per adapter; a deployment silences them, so do we.
+        # transformers/diffusers/peft log a report per adapter loaded; a deployment silences them, so do we.
         transformers_logging.set_verbosity_error()
         diffusers_logging.set_verbosity_error()
-        self.pipe = StableDiffusionPipeline.from_pretrained(
-            self.params["model"], torch_dtype=self.dtype, safety_checker=None, requires_safety_checker=False,
-            local_files_only=True).to(self.device)
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        # What `from_pretrained` / `from_single_file` load, through the loader ours uses: a folder or a checkpoint.
+        parts = load_components(self.params["model"], self.params.get("model_config"))
+        self.pipe = StableDiffusionPipeline(
+            vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+            scheduler=PNDMScheduler.from_config(parts.scheduler_config), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False).to(self.device, self.dtype)
         self.control_pipe = StableDiffusionControlNetPipeline(controlnet=MultiControlNetModel([]),
                                                               **self.pipe.components)
         for pipe in (self.pipe, self.control_pipe):

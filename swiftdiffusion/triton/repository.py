@@ -39,6 +39,8 @@ class Deployment:
     resident_controlnets: int = 4
     lora_deadline_fraction: float = 0.2
     torch_threads: int = 0  # 0: torch's default; set it to share CPU cores between instances
+    # The diffusers baseline model, for benchmarks and tests: a second copy of the weights, so off by default.
+    baseline: bool = False
     limits: Limits = Limits()
 
 
@@ -103,7 +105,7 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
     ]
     residuals = [TensorSpec(name, "TYPE_FP32", (-1, -1, -1, -1), optional=False) for name in (*skips, "mid")]
     denoiser_params = {**model, **catalogs, **limits, "controlnet_model": "controlnet"}
-    return {
+    configs = {
         "text_encoder": _python("text_encoder", 8, _io(prompt_inputs, [embeddings]) + _instances(
             deployment, "text_encoder") + _parameters(model), batching=True),
         "vae_decoder": _python("vae_decoder", 4, _io([latents], [IMAGE_OUTPUT]) + _instances(
@@ -118,12 +120,14 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
             "text_to_image_stream", 1, _io(list(REQUEST_INPUTS), [IMAGE_OUTPUT, LORA_STEP_OUTPUT, *PROGRESS_OUTPUTS])
             + _instances(deployment, "denoiser") + _parameters(denoiser_params), decoupled=True),
         "text_to_image": _ensemble(),
+    }
+    if deployment.baseline:
         # The benchmark's baseline (swiftdiffusion.triton.baseline): same schema, placed like the denoiser.
-        "baseline_diffusers": _python(
+        configs["baseline_diffusers"] = _python(
             "baseline_diffusers", 1, _io(list(REQUEST_INPUTS), [IMAGE_OUTPUT, LORA_STEP_OUTPUT])
             + _instances(deployment, "denoiser") + _parameters({**model, **catalogs, "max_steps": limits["max_steps"],
-                                                                "max_size": limits["max_size"]})),
-    }
+                                                                "max_size": limits["max_size"]}))
+    return configs
 
 
 def _ensemble() -> str:
