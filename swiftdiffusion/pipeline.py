@@ -21,12 +21,14 @@ itself only runs engines and the scheduler.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import inspect
 import math
 import threading
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import numpy as np
 import torch
@@ -35,9 +37,10 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 from diffusers.utils.torch_utils import randn_tensor
 
 from .controlnets import ControlNetRunner
+from .cuda_graphs import GraphedControlNetCatalog, GraphedEngine
 from .lora_store import LoraSet, LoraStore, lora_key
 from .models import LoadedModel
-from .request import GenerationRequest, Limits, validate
+from .request import GenerationRequest, Limits, RequestError, validate
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -131,6 +134,9 @@ class Pipeline:
         begin = time.perf_counter()
         model = self.model
         guided = uses_guidance(request)
+        parallel = guided and request.cfg_parallel
+        if parallel:
+            self._check_parallel()
         timings = LoraTimings()
         lora_job, lora_step = self._start_loras(request, exact_lora_step, timings)
         if lora_step == 0 and self.applied_text_lora:
@@ -150,11 +156,13 @@ class Pipeline:
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = {"generator": generator, "eta": 0.0}
         step_kwargs = {k: v for k, v in step_kwargs.items() if k in self.step_kwargs[request.scheduler]}
-        controls = [(c.name, self._control_image(c.image, guided), c.scale) for c in request.controlnets]
+        # One branch for the batch [unconditional, conditional]; with `cfg_parallel` one per half, on its own worker.
+        branches = [_Branch(self, [(c.name, self._control_image(c.image, guided and not parallel), c.scale)
+                                   for c in request.controlnets], request.controlnet_mode, request.steps)
+                    for _ in range(2 if parallel else 1)]
         timesteps = scheduler.timesteps
         engine_timesteps = timesteps.to(model.device, torch.float32).reshape(-1, 1)
 
-        held = waiting = None  # async ControlNet mode: residuals in use, work submitted one step ago
         for index, t in enumerate(timesteps):
             if lora_job is not None and (index >= deadline or (exact_lora_step is None and lora_job.done())):
                 waited = time.perf_counter()
@@ -164,25 +172,19 @@ class Pipeline:
                 if self.applied_text_lora:
                     embeddings = self.encode(request)
                 lora_job, lora_step = None, index
-            model_input = torch.cat([latents] * 2) if guided else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            inputs = {"sample": model_input, "timestep": engine_timesteps[index], "encoder_hidden_states": embeddings}
-            submitted = summed = None
-            if controls and request.controlnet_mode == "overlap":
-                submitted = self._submit(inputs, controls)  # awaited once the encoder is launched
-            elif controls and request.controlnet_mode == "sequential":
-                summed = await self._summed(self._submit(inputs, controls))
-            elif controls:  # async: step t uses the residuals of step t-1's latent (step 0 its own)
-                if index == 0:
-                    held = await self._summed(self._submit(inputs, controls))
-                elif waiting is not None:
-                    held = await self._summed(waiting)
-                waiting = self._submit(inputs, controls) if 0 < index < len(timesteps) - 1 else None
-                summed = held
-            noise = await self._unet_step(inputs, submitted, summed)
-            if guided:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + request.guidance_scale * (cond - uncond)
+            if parallel:
+                sample, timestep = scheduler.scale_model_input(latents, t), engine_timesteps[index]
+                uncond, cond = await asyncio.gather(*(
+                    worker.run(branch.noise({"sample": sample, "timestep": timestep,
+                                             "encoder_hidden_states": embeddings[i:i + 1]}, index))
+                    for i, (worker, branch) in enumerate(zip(self._cfg_workers, branches))))
+            else:
+                model_input = torch.cat([latents] * 2) if guided else latents
+                model_input = scheduler.scale_model_input(model_input, t)
+                noise = await branches[0].noise({"sample": model_input, "timestep": engine_timesteps[index],
+                                                 "encoder_hidden_states": embeddings}, index)
+                uncond, cond = noise.chunk(2) if guided else (None, noise)
+            noise = uncond + request.guidance_scale * (cond - uncond) if guided else cond
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             if on_step is not None:
                 on_step(index + 1, len(timesteps), time.perf_counter() - begin)
@@ -219,6 +221,19 @@ class Pipeline:
         decoder_inputs["emb"] = hidden["emb"]
         decoder_inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"]
         return self.engines["unet_decoder"](decoder_inputs)["noise_pred"]
+
+    @functools.cached_property
+    def _cfg_workers(self) -> tuple[_Worker, _Worker]:
+        """The unconditional and the conditional branch's workers, created on the first `cfg_parallel` request."""
+        return _Worker(self.model.device), _Worker(self.model.device)
+
+    def _check_parallel(self) -> None:
+        """Concurrent branches would share a CUDA graph's static buffers (and its ControlNets' graphs)."""
+        catalog = getattr(self.controlnets, "catalog", None)
+        if any(isinstance(engine, GraphedEngine) and engine.enabled for engine in self.engines.values()) or (
+                isinstance(catalog, GraphedControlNetCatalog) and torch.device(catalog.device).type == "cuda"):
+            raise RequestError("cfg_parallel", "not available with CUDA-graph engines (the branches would share "
+                                               "their static buffers)")
 
     def _start_loras(self, request: GenerationRequest, exact_lora_step: int | None, timings: LoraTimings):
         """(pending load or None, step the LoRAs were applied at: 0 when already in place, else -1)."""
@@ -282,6 +297,67 @@ class Pipeline:
                  exact_lora_step: int | None = None) -> GenerationResult:
         with self.lock:
             return asyncio.run(self.generate_async(request, on_step, exact_lora_step))
+
+
+class _Branch:
+    """The UNet work of one denoising branch per step, its ControlNets in the request's mode.
+
+    A branch is the CFG batch [unconditional, conditional], or one half of it with `cfg_parallel`; it keeps the
+    asynchronous mode's residuals across steps, so each half has its own.
+    """
+
+    def __init__(self, pipeline: Pipeline, controls: list, mode: str, steps: int):
+        self.pipeline = pipeline
+        self.controls = controls
+        self.mode = mode
+        self.last = steps - 1
+        self.held = self.waiting = None  # async mode: residuals in use, work submitted one step ago
+
+    async def noise(self, inputs: dict, index: int) -> torch.Tensor:
+        pipeline, controls = self.pipeline, self.controls
+        submitted = summed = None
+        if controls and self.mode == "overlap":
+            submitted = pipeline._submit(inputs, controls)  # awaited once the encoder is launched
+        elif controls and self.mode == "sequential":
+            summed = await pipeline._summed(pipeline._submit(inputs, controls))
+        elif controls:  # async: step t uses the residuals of step t-1's latent (step 0 its own)
+            if index == 0:
+                self.held = await pipeline._summed(pipeline._submit(inputs, controls))
+            elif self.waiting is not None:
+                self.held = await pipeline._summed(self.waiting)
+            self.waiting = pipeline._submit(inputs, controls) if 0 < index < self.last else None
+            summed = self.held
+        return await pipeline._unet_step(inputs, submitted, summed)
+
+
+class _Worker:
+    """A thread with its own event loop (and CUDA stream on a GPU) that runs one CFG branch's steps.
+
+    Torch releases the GIL inside ops, so two workers run the two halves' engines at the same time. A branch
+    always runs on the same worker: its ControlNet futures belong to the event loop that created them. On a CPU
+    each worker takes half of the caller's intra-op threads (OpenMP thread counts are per thread), so the two
+    halves share the cores instead of oversubscribing them.
+    """
+
+    def __init__(self, device: torch.device):
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cfg-branch",
+                                                              initializer=torch.set_num_threads,
+                                                              initargs=(max(1, torch.get_num_threads() // 2),))
+        self.loop = asyncio.new_event_loop()
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def run(self, step: Awaitable[torch.Tensor]) -> asyncio.Future:
+        main = None if self.stream is None else torch.cuda.current_stream(self.stream.device)
+        return asyncio.wrap_future(self.executor.submit(self._run, step, main))
+
+    def _run(self, step: Awaitable[torch.Tensor], main: torch.cuda.Stream | None) -> torch.Tensor:
+        if self.stream is None:
+            return self.loop.run_until_complete(step)
+        self.stream.wait_stream(main)  # this step's inputs were written on the caller's stream
+        with torch.cuda.stream(self.stream):
+            noise = self.loop.run_until_complete(step)
+        main.wait_stream(self.stream)  # the caller reads the noise on its stream
+        return noise
 
 
 def uses_guidance(request: GenerationRequest) -> bool:

@@ -26,8 +26,8 @@ class TensorSpec:
         return TRITON_TO_NUMPY[self.triton_type]
 
 
-TRITON_TO_NUMPY = {"TYPE_STRING": np.object_, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64,
-                   "TYPE_FP32": np.float32, "TYPE_UINT8": np.uint8}
+TRITON_TO_NUMPY = {"TYPE_BOOL": np.bool_, "TYPE_STRING": np.object_, "TYPE_INT32": np.int32,
+                   "TYPE_INT64": np.int64, "TYPE_FP32": np.float32, "TYPE_UINT8": np.uint8}
 DEFAULTS = GenerationRequest(prompt="")
 
 REQUEST_INPUTS = (
@@ -48,6 +48,8 @@ REQUEST_INPUTS = (
     TensorSpec("controlnet_scales", "TYPE_FP32", (-1,), doc="one scale per ControlNet (default 1.0 each)"),
     TensorSpec("controlnet_mode", "TYPE_STRING", (1,), doc="`overlap` (default), `sequential` or `async` "
                                                           "(step t uses step t-1's residuals)"),
+    TensorSpec("cfg_parallel", "TYPE_BOOL", (1,), doc="run the guidance branches concurrently as two batch-1 "
+                                                      "passes (default false)"),
 )
 IMAGE_OUTPUT = TensorSpec("image", "TYPE_UINT8", (-1, -1, 3), optional=False, doc="the image, HxWx3")
 LORA_STEP_OUTPUT = TensorSpec("lora_step", "TYPE_INT32", (1,), optional=False,
@@ -123,6 +125,7 @@ def request_from_tensors(inputs: dict[str, np.ndarray]) -> GenerationRequest:
         lora_mode=_scalar(inputs, "lora_mode", DEFAULTS.lora_mode),
         lora_deadline=None if deadline is None else int(deadline),
         controlnet_mode=_scalar(inputs, "controlnet_mode", DEFAULTS.controlnet_mode),
+        cfg_parallel=bool(_scalar(inputs, "cfg_parallel", DEFAULTS.cfg_parallel)),
     )
 
 
@@ -141,6 +144,8 @@ def tensors_from_request(request: GenerationRequest) -> dict[str, np.ndarray]:
     }
     if request.controlnet_mode != DEFAULTS.controlnet_mode:
         tensors["controlnet_mode"] = np.array([[request.controlnet_mode.encode()]], dtype=np.object_)
+    if request.cfg_parallel:
+        tensors["cfg_parallel"] = np.array([[True]], dtype=np.bool_)
     if request.lora_deadline is not None:
         tensors["lora_deadline"] = np.array([[request.lora_deadline]], dtype=np.int32)
     if request.loras:

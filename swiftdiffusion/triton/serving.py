@@ -13,8 +13,8 @@ Each `model_repository/<model>/1/model.py` only binds one of these classes to `t
 
 from __future__ import annotations
 
+import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -241,6 +241,15 @@ class StreamModel(DenoiserModel):
     parts = ("text_encoder", "unet", "vae")
 
     async def execute(self, requests):
+        # A decoupled model's coroutines interleave within one instance; LoRA patches must not.
+        async with self.one_at_a_time:
+            await self._stream(requests)
+
+    def setup(self) -> None:
+        super().setup()
+        self.one_at_a_time = asyncio.Lock()
+
+    async def _stream(self, requests) -> None:
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -261,4 +270,3 @@ class StreamModel(DenoiserModel):
             except Exception as error:
                 final = self.error(error)
             sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None

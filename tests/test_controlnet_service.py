@@ -1,0 +1,172 @@
+"""ControlNets as a service, end to end: run on the `controlnet` model's own processes through BLS, they give the
+in-process sequential pipeline's images bit for bit, across LRU evictions, and a failing instance stays contained.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from tritonclient.utils import InferenceServerException
+
+from conftest import control_image
+from swiftdiffusion.client import Client
+from swiftdiffusion.request import ControlNetUse, GenerationRequest
+from swiftdiffusion.tiny import SIZES, build_controlnet
+
+pytestmark = pytest.mark.server
+CONTROLS = (ControlNetUse("canny", control_image(1), 1.0), ControlNetUse("depth", control_image(2), 0.6),
+            ControlNetUse("pose", control_image(3), 0.8))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The server's instances run torch on one thread (`torch_threads=1`); the in-process reference must too.
+
+    With two threads oneDNN splits convolution reductions differently: images came out up to 1/255 apart,
+    whereas with one thread on both sides every mode is bit-exact (the text encoder's batching plays no part).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pose(tiny_root):
+    """A third ControlNet, in the session catalog for this module only: test_server expects `pose` unknown."""
+    folder = tiny_root / "controlnets" / "pose"
+    torch.manual_seed(3)
+    build_controlnet(UNet2DConditionModel.from_pretrained(tiny_root / "model" / "unet"), SIZES["tiny"]).save_pretrained(
+        folder)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def request(count: int, mode: str = "overlap", controls: tuple[ControlNetUse, ...] = CONTROLS) -> GenerationRequest:
+    return GenerationRequest("a red house on a hill", negative_prompt="blurry", seed=7, steps=3, height=64, width=64,
+                             controlnets=controls[:count], controlnet_mode=mode)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_overlap_equals_sequential_bit_for_bit(client, pipeline, pose, count):
+    overlapped = client.generate(request(count)).image
+    assert np.array_equal(overlapped, client.generate(request(count, "sequential")).image)
+    assert np.array_equal(overlapped, pipeline.generate(request(count, "sequential")).image)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_async_mode_equals_in_process_async(client, pipeline, pose, count):
+    served = client.generate(request(count, "async")).image
+    assert np.array_equal(served, pipeline.generate(request(count, "async")).image)
+    assert not np.array_equal(served, pipeline.generate(request(count, "sequential")).image)
+
+
+def test_lru_eviction_and_reload_keep_images_equal(client):
+    """Each instance keeps one ControlNet resident, so canny, depth, canny evicts and reloads canny."""
+    canny, depth = request(1), request(1, controls=CONTROLS[1:])
+    first = client.generate(canny).image
+    assert not np.array_equal(client.generate(depth).image, first)
+    assert np.array_equal(client.generate(canny).image, first)
+
+
+def test_broken_controlnet_is_a_clear_error_and_the_next_request_succeeds(client, pipeline, tiny_root):
+    folder = tiny_root / "controlnets" / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{ not json")
+    try:
+        with pytest.raises(InferenceServerException) as raised:
+            client.generate(request(1, controls=(ControlNetUse("broken", control_image(1), 1.0),)))
+    finally:
+        shutil.rmtree(folder)
+    assert raised.value.status() == "StatusCode.INTERNAL"
+    assert "ControlNet 'broken' failed" in raised.value.message()
+    assert np.array_equal(client.generate(request(1)).image, pipeline.generate(request(1, "sequential")).image)
+
+
+# ---- a killed ControlNet process ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def own_server(tiny_root, tmp_path_factory):
+    """A server of its own, so that a killed stub cannot reach other tests; explicit model control, so that the
+    test can reload the `controlnet` model; only the models the unary request path needs."""
+    from swiftdiffusion.serve import SHM_ARGS
+    from swiftdiffusion.triton.launcher import TritonServer, free_ports
+    from swiftdiffusion.triton.repository import Deployment, write_repository
+
+    repository = write_repository(tmp_path_factory.mktemp("own_repository"), Deployment(
+        model=tiny_root / "model", controlnet_catalog=tiny_root / "controlnets", lora_catalog=str(tiny_root / "loras"),
+        controlnet_instances=2, torch_threads=1, resident_controlnets=1))
+    triton = TritonServer()
+    triton.start(repository, free_ports(3), log_file=repository / "server.log", model_control_mode="explicit",
+                 extra_args=[*SHM_ARGS, "--load-model=text_to_image", "--load-model=controlnet",
+                             "--exit-timeout-secs=10"])
+    try:
+        triton.wait_ready(timeout=600)
+        yield triton, repository
+    finally:
+        triton.stop()
+
+
+def controlnet_stubs(repository: Path) -> dict[str, int]:
+    """Instance name -> pid of the live Python-backend stubs of this repository's `controlnet` model."""
+    model = str(repository.resolve() / "controlnet" / "1" / "model.py").encode()
+    stubs = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args[0].endswith(b"triton_python_backend_stub") and args[1] == model:
+            stubs[next(a.decode() for a in args if a.startswith(b"controlnet_"))] = int(pid)
+    return stubs
+
+
+def test_killed_controlnet_process_fails_fast_until_the_model_is_reloaded(own_server, pipeline):
+    """What Triton 2.51's Python backend does when a ControlNet instance's stub process dies (SIGKILL):
+
+    - a request whose ControlNet call lands on that instance fails within about a second (the backend's stub
+      health check), INTERNAL, the message naming the ControlNet and the dead instance (`Stub process
+      'controlnet_0_0' is not healthy`): no hang;
+    - the stub is never restarted and the instance stays in rotation; failing fast, it is idle first and takes
+      most calls, so nearly every ControlNet request fails from then on (a request makes one call per step);
+    - the server and the model still answer ready: a readiness probe does not notice;
+    - reloading the model (`load_model("controlnet")`, explicit model control) starts fresh stubs, and the next
+      request gets the correct image. With `--model-control-mode=none` nothing short of a restart recovers.
+    """
+    triton, repository = own_server
+    client = Client(triton.grpc_url, timeout_s=60)
+    good = request(1)
+    expected = pipeline.generate(request(1, "sequential")).image
+    assert np.array_equal(client.generate(good).image, expected)
+    stubs = controlnet_stubs(repository)
+    assert set(stubs) == {"controlnet_0_0", "controlnet_0_1"}
+    os.kill(stubs["controlnet_0_0"], signal.SIGKILL)
+    while "controlnet_0_0" in controlnet_stubs(repository):
+        time.sleep(0.05)
+
+    outcomes = []
+    for _ in range(3):
+        began = time.monotonic()
+        try:
+            outcomes.append((client.generate(good).image, time.monotonic() - began))
+        except InferenceServerException as error:
+            outcomes.append((error, time.monotonic() - began))
+    errors = [(o, s) for o, s in outcomes if isinstance(o, InferenceServerException)]
+    assert errors
+    for error, seconds in errors:
+        assert error.status() == "StatusCode.INTERNAL" and seconds < 20
+        assert "ControlNet 'canny' failed" in error.message() and "'controlnet_0_0' is not healthy" in error.message()
+    assert all(np.array_equal(o, expected) for o, _ in outcomes if isinstance(o, np.ndarray))
+    assert set(controlnet_stubs(repository)) == {"controlnet_0_1"}  # not restarted
+    assert client.grpc.is_server_ready() and client.grpc.is_model_ready("controlnet")
+
+    client.grpc.load_model("controlnet")
+    assert np.array_equal(client.generate(good).image, expected)
+    client.close()
