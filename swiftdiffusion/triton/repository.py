@@ -157,7 +157,11 @@ def _ensemble() -> str:
 def write_repository(out: Path, deployment: Deployment) -> Path:
     """Renders every config and copies each model's model.py; returns `out`."""
     out = Path(out)
-    for name, config in render_configs(deployment).items():
+    configs = render_configs(deployment)
+    for stale in out.glob("*/config.pbtxt"):  # a model of an earlier deployment would load too
+        if stale.parent.name not in configs:
+            shutil.rmtree(stale.parent)
+    for name, config in configs.items():
         folder = out / name
         if folder.exists():
             shutil.rmtree(folder)
