@@ -27,7 +27,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
@@ -36,7 +35,7 @@ from swiftdiffusion.lora_store import LoraStore
 from swiftdiffusion.models import load_components, torch_engines
 from swiftdiffusion.pipeline import SCHEDULERS, Pipeline
 from swiftdiffusion.request import GenerationRequest, LoraUse
-from swiftdiffusion.tiny import (LORA_FORMATS, SIZES, TEXT_LORA_SUFFIXES, UNET_LORA_SUFFIXES, ensure_model,
+from swiftdiffusion.tiny import (SIZES, TEXT_LORA_SUFFIXES, UNET_LORA_SUFFIXES, ensure_model,
                                  lora_state_dict, lora_targets, random_lora_factors)
 
 PROJECT = Path(__file__).resolve().parents[1]

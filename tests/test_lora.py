@@ -20,7 +20,7 @@ from conftest import make_pipeline, max_diff
 from swiftdiffusion.engines import LayerDelta, WeightPatch
 from swiftdiffusion.lora_store import LoraStore
 from swiftdiffusion.request import GenerationRequest, LoraUse, RequestError
-from swiftdiffusion.tiny import LORA_FORMATS, lora_state_dict, lora_targets, random_lora_factors
+from swiftdiffusion.tiny import LORA_FORMATS, lora_state_dict, random_lora_factors
 
 NAMES = sorted(LORA_FORMATS)
 REQUEST = GenerationRequest("a mountain lake", negative_prompt="fog", seed=3, steps=6, height=64, width=64,
