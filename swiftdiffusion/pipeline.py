@@ -51,6 +51,7 @@ SCHEDULERS = {
     "unipc": UniPCMultistepScheduler,
 }
 
+UNET_ENGINES = ("unet", "unet_encoder", "unet_decoder")
 StepCallback = Callable[[int, int, float], None]  # (steps done, total steps, seconds since the request began)
 
 
@@ -254,26 +255,24 @@ class Pipeline:
         return math.ceil(self.lora_deadline_fraction * request.steps)
 
     def _apply(self, lora_set: LoraSet | None, timings: LoraTimings) -> None:
-        """Patches (or, with None, restores) every engine whose weights LoRAs touch."""
+        """Patches (or, with None, restores) every engine whose weights LoRAs touch.
+
+        The three UNet engines share one set of torch weights (repeats are no-ops); TensorRT engines each refit.
+        """
         begin = time.perf_counter()
         self.applied_key, self.applied_text_lora = None, False
-        for name in ("unet", "unet_encoder", "unet_decoder"):
-            if lora_set is None:
+        if lora_set is None:
+            for name in (*UNET_ENGINES, "text_encoder"):
                 self.engines[name].restore()
-            else:
-                self.engines[name].patch(lora_set.unet)
-        if lora_set is None:
-            self.engines["text_encoder"].restore()
-        else:
-            self.engines["text_encoder"].patch(lora_set.text_encoder)
-            self.applied_key, self.applied_text_lora = lora_set.key, bool(lora_set.text_encoder.layers)
-        elapsed = time.perf_counter() - begin
-        if lora_set is None:
-            timings.restore_s += elapsed
-        else:
-            timings.patch_s += elapsed
-            timings.load_s += lora_set.load_s
-            timings.bytes_read += lora_set.bytes_read
+            timings.restore_s += time.perf_counter() - begin
+            return
+        for name in UNET_ENGINES:
+            self.engines[name].patch(lora_set.unet)
+        self.engines["text_encoder"].patch(lora_set.text_encoder)
+        self.applied_key, self.applied_text_lora = lora_set.key, bool(lora_set.text_encoder.layers)
+        timings.patch_s += time.perf_counter() - begin
+        timings.load_s += lora_set.load_s
+        timings.bytes_read += lora_set.bytes_read
 
     def _control_image(self, image: np.ndarray, guided: bool) -> torch.Tensor:
         # As diffusers' control image processor: float32 in [0, 1], NCHW, then the engine's dtype.
