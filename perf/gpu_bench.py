@@ -1,11 +1,14 @@
 """GPU benchmark: swiftdiffusion (eager and CUDA-graphed engines) against diffusers' own pipelines, plus device
-checks of graph replay.
+checks of graph replay (plain, side streams, compiled) against eager.
 
 One run builds an SD1.5-shaped model with random weights on local disk (full SD1.5 widths, two ControlNets,
 rank-64 LoRAs in kohya and PEFT formats), then for each case (0, 1, 2 ControlNets with as many cold LoRAs) runs
   diffusers        StableDiffusion(ControlNet)Pipeline; per request load_lora_weights + set_adapters + fuse_lora,
                    generate, unfuse_lora + unload_lora_weights: how a typical deployment serves LoRAs;
-  ours_<engines>_<mode>  swiftdiffusion's Pipeline, eager or graphed engines, LoRA mode sync or bounded,
+  ours_<variant>_<mode>  swiftdiffusion's Pipeline, LoRA mode sync or bounded, with engines
+                   eager; graphed (CUDA graphs, channels-last); overlap (graphed, ControlNets on side streams);
+                   cnasync (overlap, step t uses step t-1's residuals); compiled (overlap, per-step engines
+                   through torch.compile before capture),
 and records the median of N timed runs after warm-up, per-graph times per call (CUDA events), per-step wall
 time, peak GPU memory, LoRA load times, graph capture times and the ratios diffusers/ours.
 
@@ -50,8 +53,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 from swiftdiffusion import tiny  # noqa: E402
 from swiftdiffusion.controlnets import ControlNetCatalog, LocalControlNets  # noqa: E402
 from swiftdiffusion.cuda_graphs import GraphedControlNetCatalog, GraphedEngine, graph_engines  # noqa: E402
-from swiftdiffusion.engines import TorchEngine  # noqa: E402
-from swiftdiffusion.graphs import UNetDecoder, UNetEncoder  # noqa: E402
 from swiftdiffusion.lora_store import LoraStore  # noqa: E402
 from swiftdiffusion.models import LoadedModel, load_components, torch_engines  # noqa: E402
 from swiftdiffusion.pipeline import Pipeline  # noqa: E402
@@ -60,6 +61,7 @@ from swiftdiffusion.request import ControlNetUse, GenerationRequest, LoraUse  # 
 SD15 = tiny.ModelSize(unet_channels=(320, 640, 1280, 1280), norm_groups=32, text_width=768, text_layers=12,
                       vae_channels=(128, 256, 512, 512), vae_layers=2, controlnet_embedding=(16, 32, 96, 256),
                       lora_rank=64)
+EXTRA_VARIANTS = ("overlap", "cnasync", "compiled")
 CASES = {"0C/0L": (0, 0), "1C/0L": (1, 0), "1C/1L": (1, 1), "2C/2L": (2, 2)}  # case -> (ControlNets, LoRAs)
 CONTROLS = (("canny", 1.0), ("depth", 0.6))
 LORAS = (("character_kohya", 0.8), ("style_peft", 0.5))  # kohya (UNet + text encoder), PEFT (UNet + text encoder)
@@ -480,9 +482,12 @@ def device_checks(eager: Ours, replay: Ours, root: Path, settings: Settings) -> 
 
 
 def run_case(case: str, diffusers_: Diffusers, ours: dict[str, Ours], root: Path, settings: Settings,
-             save: Callable[[], None], results: dict, skip: tuple[str, ...] = ()) -> None:
+             save: Callable[[], None], results: dict, variants: tuple[str, ...], images: dict) -> None:
+    """diffusers (the first time a case runs) and these variants of ours; `images` keeps each case's last image
+    per system across calls, for the comparisons with diffusers."""
     controls, loras = CASES[case]
     entry = results["cases"].setdefault(case, {})
+    images = images.setdefault(case, {})
     modes = ("sync", "bounded") if loras else ("sync",)
     systems: dict[str, Callable[[GenerationRequest], dict]] = {}
     pipe = None
@@ -493,15 +498,16 @@ def run_case(case: str, diffusers_: Diffusers, ours: dict[str, Ours], root: Path
             pipe = diffusers_.pipeline(request)
         return diffusers_.run(pipe, request)
 
-    systems["diffusers"] = diffusers_run
-    for variant, system in ours.items():
-        if variant in skip or (variant in ("overlap", "cnasync") and not controls):
+    if "diffusers" not in entry:
+        systems["diffusers"] = diffusers_run
+    for variant in variants:
+        system = ours[variant]
+        if variant in ("overlap", "cnasync") and not controls:
             continue  # they differ from `graphed` only in how ControlNets run
         for mode in modes:
             name = f"ours_{variant}_{mode}" if loras else f"ours_{variant}"
             systems[name] = lambda request, system=system, mode=mode: system.run(
                 dataclasses.replace(request, lora_mode=mode))
-    images = {}
     for name, run in systems.items():
         say(f"case {case}: {name}")
         request = make_request(settings, controls, loras)
@@ -512,10 +518,11 @@ def run_case(case: str, diffusers_: Diffusers, ours: dict[str, Ours], root: Path
                 return run(dataclasses.replace(request, loras=uses))
 
         try:
-            capture_before = sum(ours["graphed"].capture_s().values())
+            system = ours.get(name.split("_")[1]) if name != "diffusers" else None
+            capture_before = sum(system.capture_s().values()) if system else 0.0
             entry[name] = measure(run_once, timings, settings)
-            if "graphed" in name:
-                entry[name]["capture_s_during"] = sum(ours["graphed"].capture_s().values()) - capture_before
+            if system is not None and system.graphed():
+                entry[name]["capture_s_during"] = sum(system.capture_s().values()) - capture_before
             images[name] = entry[name].pop("_image")
         except Exception as error:  # noqa: BLE001 - one failure must not lose the other systems
             entry[name] = {"error": repr(error), "traceback": traceback.format_exc()}
@@ -526,31 +533,34 @@ def run_case(case: str, diffusers_: Diffusers, ours: dict[str, Ours], root: Path
             entry.setdefault("ratios", {})[name] = entry["diffusers"]["median_s"] / entry[name]["median_s"]
             entry.setdefault("ratios_latency", {})[name] = (entry["diffusers"]["median_latency_s"]
                                                             / entry[name]["median_latency_s"])
-        if "diffusers" in images and name in images and name.endswith(("sync", "eager", "graphed")):
+        if "diffusers" in images and name in images and name.endswith(("sync", "eager", "graphed", "compiled")):
             entry[name]["vs_diffusers"] = image_diff(images[name], images["diffusers"])
         save()
 
 
-def step_probe(ours: dict[str, Ours], settings: Settings) -> dict:
-    """Each graph alone, per call (CFG batch 2), eager against graphed; LoRA patch and restore times."""
-    model, graphed_model = ours["eager"].model, ours["graphed"].model
-    inputs = probe_inputs(model, settings)
+def step_probe(ours: dict[str, Ours], settings: Settings, variants: tuple[str, ...]) -> dict:
+    """Each graph alone, per call (CFG batch 2), for these variants of our engines."""
+    inputs = probe_inputs(ours["eager"].model, settings)
     result: dict = {}
     for name in ("unet", "unet_encoder", "unet_decoder", "text_encoder", "vae_decoder"):
-        result[name] = {variant: call_ms(lambda m=m: m.engines[name](inputs[name]), settings)
-                        for variant, m in (("eager", model), ("graphed", graphed_model))}
-    result["controlnet"] = {variant: call_ms(lambda o=o: o.catalog.get("canny")(inputs["controlnet"]), settings)
-                            for variant, o in ours.items()}
+        result[name] = {variant: call_ms(lambda m=ours[variant].model: m.engines[name](inputs[name]), settings)
+                        for variant in variants}
+    result["controlnet"] = {variant: call_ms(lambda o=ours[variant]: o.catalog.get("canny")(inputs["controlnet"]),
+                                             settings) for variant in variants}
+    return result
+
+
+def lora_patch_probe(ours: dict[str, Ours], settings: Settings) -> dict:
+    """Patching two LoRAs into the UNet and text encoder, and restoring them."""
+    model = ours["eager"].model
     lora_set = ours["eager"].store.load([LoraUse(name, scale) for name, scale in LORAS])
     unet, text = model.engines["unet"], model.engines["text_encoder"]
     patch_s, restore_s = [], []
     for _ in range(3):
         patch_s.append(synced_s(lambda: (unet.patch(lora_set.unet), text.patch(lora_set.text_encoder)), settings.cuda))
         restore_s.append(synced_s(lambda: (unet.restore(), text.restore()), settings.cuda))
-    result["lora_patch_ms"] = {"two_loras_unet_and_text": statistics.median(patch_s) * 1e3,
-                               "restore": statistics.median(restore_s) * 1e3, "layers": len(lora_set.unet.layers)
-                               + len(lora_set.text_encoder.layers), "first_patch_ms": patch_s[0] * 1e3}
-    return result
+    return {"two_loras_unet_and_text": statistics.median(patch_s) * 1e3, "restore": statistics.median(restore_s) * 1e3,
+            "layers": len(lora_set.unet.layers) + len(lora_set.text_encoder.layers), "first_patch_ms": patch_s[0] * 1e3}
 
 
 def probe_inputs(model: LoadedModel, settings: Settings) -> dict[str, dict[str, torch.Tensor]]:
@@ -571,21 +581,6 @@ def probe_inputs(model: LoadedModel, settings: Settings) -> dict[str, dict[str, 
             "controlnet": {**unet, "controlnet_cond": rand(2, 3, settings.size, settings.size)}}
 
 
-def compile_probe(ours: dict[str, Ours], settings: Settings) -> dict:
-    """torch.compile (default mode) of the two UNet halves: compile time, then per-call time eager and graphed."""
-    model = ours["eager"].model
-    inputs = probe_inputs(model, settings)
-    unet = model.engines["unet"].module.unet
-    result = {}
-    for name, wrapper in (("unet_encoder", UNetEncoder), ("unet_decoder", UNetDecoder)):
-        engine = TorchEngine(torch.compile(wrapper(unet)), model.engines[name].spec, model.engines[name].weights)
-        compile_s = synced_s(lambda: engine(inputs[name]), settings.cuda)
-        replayed = GraphedEngine(engine)
-        result[name] = {"compile_s": compile_s, "compiled_ms": call_ms(lambda: engine(inputs[name]), settings),
-                        "compiled_graphed_ms": call_ms(lambda: replayed(inputs[name]), settings)}
-    return result
-
-
 def attention_processors(module: torch.nn.Module) -> dict[str, int]:
     return dict(collections.Counter(type(p).__name__ for p in module.attn_processors.values()))
 
@@ -599,14 +594,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, default=Path("/tmp/sd15"), help="where the SD1.5-shaped model is built")
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--variants", nargs="*", choices=("overlap", "cnasync"), default=["overlap", "cnasync"],
-                        help="extra graphed variants for cases with ControlNets: ControlNet on a side stream; "
-                             "and asynchronous residuals")
+    parser.add_argument("--variants", nargs="*", choices=EXTRA_VARIANTS, default=list(EXTRA_VARIANTS),
+                        help="extra graphed variants: ControlNets on side streams (cases with ControlNets); "
+                             "and asynchronous residuals; side streams plus per-step engines through torch.compile "
+                             "(measured last, after its own device checks)")
     parser.add_argument("--skip-eager", action="store_true", help="measure only graphed variants (and diffusers)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the UNet halves")
     return parser.parse_args(argv)
 
 
@@ -673,7 +668,13 @@ def main(argv: list[str] | None = None) -> int:
                 "graphed": lambda: Ours.create(root, graphed_model, graphed_catalog, settings),
                 "overlap": lambda: Ours.create(root, graphed_model, graphed_catalog, settings, overlap=True),
                 "cnasync": lambda: Ours.create(root, graphed_model, graphed_catalog, settings, overlap=True,
-                                               controlnet_mode="async")}
+                                               controlnet_mode="async"),
+                # Everything on: `overlap` plus compiled per-step engines, so `overlap` -> `compiled` is what
+                # compilation adds. The modules are graphed_model's, already channels-last; each shape compiles
+                # on first use.
+                "compiled": lambda: Ours.create(root, graph_engines(model, compile=True), GraphedControlNetCatalog(
+                    root / "controlnets", settings.device, settings.dtype, channels_last=settings.cuda, compile=True),
+                                                settings, overlap=True)}
             state["ours"] = {name: variants[name]() for name in ("eager", "graphed", *args.variants)}
             state["diffusers"] = Diffusers(root, settings)
             unet = model.engines["unet"].module.unet
@@ -686,14 +687,22 @@ def main(argv: list[str] | None = None) -> int:
         if "ours" not in state or "diffusers" not in state:
             return 1
         ours = state["ours"]
+        images: dict = {}
         section("checks", lambda: device_checks(ours["eager"], ours["graphed"], root, settings))
+        if "overlap" in ours:
+            section("checks_overlap", lambda: device_checks(ours["eager"], ours["overlap"], root, settings))
+        first = tuple(v for v in ours if v != "compiled" and not (args.skip_eager and v == "eager"))
         for case in args.cases:
-            run_case(case, state["diffusers"], ours, root, settings, save, results,
-                     ("eager",) if args.skip_eager else ())
-        section("step_probe", lambda: step_probe(ours, settings))
-        if args.compile:
-            section("compile", lambda: compile_probe(ours, settings))
-    results["summary"] = {"checks_all_pass": results.get("checks", {}).get("all_pass"), **{
+            run_case(case, state["diffusers"], ours, root, settings, save, results, first, images)
+        section("step_probe", lambda: step_probe(ours, settings, ("eager", "graphed")))
+        section("lora_patch_probe", lambda: lora_patch_probe(ours, settings))
+        if "compiled" in ours:  # last: its first use of each shape compiles for a minute or so
+            section("checks_compiled", lambda: device_checks(ours["eager"], ours["compiled"], root, settings))
+            for case in args.cases:
+                run_case(case, state["diffusers"], ours, root, settings, save, results, ("compiled",), images)
+            section("step_probe_compiled", lambda: step_probe(ours, settings, ("compiled",)))
+    results["summary"] = {**{f"{name}_all_pass": results[name].get("all_pass") for name in
+                             ("checks", "checks_overlap", "checks_compiled") if name in results}, **{
         case: {"median_s": {n: v.get("median_s") for n, v in entry.items() if n.startswith(("diffusers", "ours"))},
                "ratios": entry.get("ratios", {})} for case, entry in results["cases"].items()}}
     save()

@@ -12,6 +12,14 @@ reading stale memory; `graph_engines` therefore applies `channels_last` before a
 Attention needs nothing here: diffusers' default processor is `AttnProcessor2_0` (PyTorch SDPA), which captures.
 
 On any device but CUDA the wrapper runs the engine eagerly, so the same code serves CPU machines and tests.
+
+`compile=True` also puts the per-step engines (the UNet and its halves, ControlNets) through `torch.compile`
+(inductor, one specialised program per shape) before capture: on an H100 a replayed SD1.5 UNet half then takes
+about 0.6x the time of its graph of eager kernels (fused normalisation and elementwise work), at the price of
+half a minute or more of compilation per graph and shape at first use; a server enables it when it lives long
+enough to pay that back (README).
+Compiled code reads parameters as graph inputs (inductor's `freezing` stays off), so in-place LoRA patches
+reach the compiled kernels as they reach plain ones.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # The engines of a model worth graphing: every one the pipeline calls on the GPU.
 GRAPHED = ("text_encoder", "unet", "unet_encoder", "unet_decoder", "vae_decoder")
+# The ones called every denoising step, where compilation time pays back; the text encoder and VAE run once.
+COMPILED = ("unet", "unet_encoder", "unet_decoder")
 
 
 @dataclasses.dataclass
@@ -120,28 +130,36 @@ class GraphedEngine:
         self.engine.restore()
 
 
-def graphed(engine: TorchEngine, channels_last: bool = False, clone_outputs: bool = False) -> GraphedEngine:
-    """Wraps one torch engine; `channels_last` converts its module's 4-D weights first (before any capture)."""
+def graphed(engine: TorchEngine, channels_last: bool = False, clone_outputs: bool = False,
+            compile: bool = False) -> GraphedEngine:
+    """Wraps one torch engine; `channels_last` converts its module's 4-D weights first (before any capture);
+    `compile` (CUDA only) replays `torch.compile`'s code for the module instead of eager kernels."""
     if channels_last:
         engine.module.to(memory_format=torch.channels_last)
+    if compile and engine.module_device().type == "cuda":
+        # dynamic=False: a program specialised to each shape bucket, as its graph is.
+        engine = TorchEngine(torch.compile(engine.module, dynamic=False), engine.spec, engine.weights)
     return GraphedEngine(engine, clone_outputs)
 
 
-def graph_engines(model: LoadedModel, channels_last: bool = False) -> LoadedModel:
-    """The same model with its GPU engines graphed. The modules (and weights) are shared with `model`'s engines,
-    so `channels_last` changes those too; call this before `model`'s engines are captured by anything else."""
+def graph_engines(model: LoadedModel, channels_last: bool = False, compile: bool = False) -> LoadedModel:
+    """The same model with its GPU engines graphed (the per-step ones compiled first if `compile`). The modules
+    (and weights) are shared with `model`'s engines, so `channels_last` changes those too; call this before
+    `model`'s engines are captured by anything else."""
     engines = dict(model.engines)
     for name in GRAPHED:
-        engines[name] = graphed(engines[name], channels_last)
+        engines[name] = graphed(engines[name], channels_last, compile=compile and name in COMPILED)
     return dataclasses.replace(model, engines=engines)
 
 
 class GraphedControlNetCatalog(ControlNetCatalog):
     """A ControlNet catalog whose engines replay CUDA graphs (eagerly on CPU), returning copies of the residuals."""
 
-    def __init__(self, root, device="cpu", dtype=torch.float32, capacity: int = 4, channels_last: bool = False):
+    def __init__(self, root, device="cpu", dtype=torch.float32, capacity: int = 4, channels_last: bool = False,
+                 compile: bool = False):
         super().__init__(root, device, dtype, capacity)
         self.channels_last = channels_last
+        self.compile = compile
 
     def _load(self, name: str) -> GraphedEngine:
-        return graphed(super()._load(name), self.channels_last, clone_outputs=True)
+        return graphed(super()._load(name), self.channels_last, clone_outputs=True, compile=self.compile)

@@ -34,7 +34,7 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
     return Deployment(model=Path(args.model), model_config=args.model_config,
                       controlnet_catalog=Path(args.controlnets), lora_catalog=str(args.loras),
                       dtype=args.dtype, gpus=gpus, controlnet_instances=args.controlnet_instances,
-                      torch_threads=args.torch_threads,
+                      torch_threads=args.torch_threads, compile=args.compile,
                       limits=Limits(max_steps=args.max_steps, max_size=args.max_size))
 
 
@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--controlnet-instances", type=int, default=2, help="CPU instances of the ControlNet model")
     p.add_argument("--controlnet-gpus", type=int, nargs="*", default=[0], help="with --device cuda: one instance each")
+    p.add_argument("--compile", action="store_true",
+                   help="with --device cuda: torch.compile the UNet and ControlNets before graph capture "
+                        "(minutes at first use of each shape; pays back in a long-lived server)")
     p.add_argument("--torch-threads", type=int, default=0, help="threads per model instance (0: torch's default)")
     p.add_argument("--max-steps", type=int, default=Limits.max_steps)
     p.add_argument("--max-size", type=int, default=Limits.max_size)

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "perf" / "gpu_bench.py"
-WITH_LORAS = tuple(f"ours_{variant}_{mode}" for variant in ("eager", "graphed", "overlap", "cnasync")
+WITH_LORAS = tuple(f"ours_{variant}_{mode}" for variant in ("eager", "graphed", "overlap", "cnasync", "compiled")
                    for mode in ("sync", "bounded"))
 SYSTEMS = {
-    "0C/0L": ("ours_eager", "ours_graphed"),
-    "1C/0L": ("ours_eager", "ours_graphed", "ours_overlap", "ours_cnasync"),
+    "0C/0L": ("ours_eager", "ours_graphed", "ours_compiled"),
+    "1C/0L": ("ours_eager", "ours_graphed", "ours_overlap", "ours_cnasync", "ours_compiled"),
     "1C/1L": WITH_LORAS,
     "2C/2L": WITH_LORAS,
 }
@@ -23,10 +23,12 @@ def test_dry_run_records_every_case_system_and_ratio(tmp_path):
     subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], check=True, timeout=120,
                    capture_output=True, text=True)
     results = json.loads(out.read_text())
-    for section in ("build", "load", "checks", "step_probe"):
+    checks = ("checks", "checks_overlap", "checks_compiled")
+    for section in ("build", "load", *checks, "step_probe", "lora_patch_probe", "step_probe_compiled"):
         assert "error" not in results[section], results[section]
-    assert results["checks"]["all_pass"]
-    assert results["checks"]["restored_weights_identical"] and results["checks"]["after_restore"]["identical"]
+    for section in checks:
+        assert results[section]["all_pass"]
+        assert results[section]["restored_weights_identical"] and results[section]["after_restore"]["identical"]
     assert results["load"]["attention_processors"]["ours_unet"] == {"AttnProcessor2_0": 32}
     assert set(results["cases"]) == set(SYSTEMS)
     for case, systems in SYSTEMS.items():
@@ -40,4 +42,4 @@ def test_dry_run_records_every_case_system_and_ratio(tmp_path):
             assert entry["diffusers"]["median_lora_load_s"] > 0
             assert all(entry[system]["median_lora_load_s"] > 0 for system in systems)
             assert entry["ours_eager_sync"]["vs_diffusers"]["max_abs"] <= 2  # fp32: the fidelity tests' bound
-    assert results["summary"]["checks_all_pass"]
+    assert all(results["summary"][f"{section}_all_pass"] for section in checks)

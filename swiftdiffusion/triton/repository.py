@@ -39,6 +39,7 @@ class Deployment:
     resident_controlnets: int = 4
     lora_deadline_fraction: float = 0.2
     torch_threads: int = 0  # 0: torch's default; set it to share CPU cores between instances
+    compile: bool = False  # GPU instances: torch.compile the per-step engines before graph capture (README)
     # The diffusers baseline model, for benchmarks and tests: a second copy of the weights, so off by default.
     baseline: bool = False
     limits: Limits = Limits()
@@ -85,7 +86,8 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
     unet_config = UNet2DConditionModel.load_config(config_root / "unet")
     latent_channels = unet_config["in_channels"]
     skips = skip_names(skip_count(argparse.Namespace(**unet_config)))
-    common = {"dtype": deployment.dtype, "torch_threads": deployment.torch_threads}
+    common = {"dtype": deployment.dtype, "torch_threads": deployment.torch_threads,
+              "compile": int(deployment.compile)}
     model = {"model": deployment.model.resolve(), **common}
     if deployment.model_config is not None:
         model["model_config"] = deployment.model_config.resolve()

@@ -46,6 +46,7 @@ class ModelBase:
         gpu = args.get("model_instance_kind") == "GPU"
         self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
         self.dtype = DTYPES[self.params.get("dtype", "float32")]
+        self.compile = self.params.get("compile", "0") == "1"
         threads = int(self.params.get("torch_threads", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
@@ -81,7 +82,9 @@ class ModelBase:
     def load(self, parts: tuple[str, ...]) -> LoadedModel:
         """The model's engines for these parts; on a GPU as CUDA graphs with channels-last weights."""
         model = load_model(self.params["model"], self.device, self.dtype, self.params.get("model_config"), parts)
-        return graph_engines(model, channels_last=True) if self.device.type == "cuda" else model
+        if self.device.type != "cuda":
+            return model
+        return graph_engines(model, channels_last=True, compile=self.compile)
 
     def limits(self) -> Limits:
         return Limits(max_steps=int(self.params.get("max_steps", Limits.max_steps)),
@@ -142,7 +145,8 @@ class ControlNetServiceModel(ModelBase):
         args = (self.params["controlnet_catalog"], self.device, self.dtype,
                 int(self.params.get("resident_controlnets", "4")))
         gpu = self.device.type == "cuda"
-        self.catalog = GraphedControlNetCatalog(*args, channels_last=True) if gpu else ControlNetCatalog(*args)
+        self.catalog = (GraphedControlNetCatalog(*args, channels_last=True, compile=self.compile) if gpu
+                        else ControlNetCatalog(*args))
 
     def execute(self, requests):
         return [self._run(request) for request in requests]
