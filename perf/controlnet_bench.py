@@ -22,6 +22,8 @@ ControlNets, every mode side by side in one run, interleaved round by round so t
   A gain counts only if every batched round beats every unbatched one and the median gain exceeds 5%. In-process
   beside it: one ControlNet call per request against four requests' calls as one batch, per request.
 - CFG parallelism in-process (all cores): per step, the guidance batch of two against two concurrent batch-1 branches.
+- The asynchronous mode's effect on the image, in-process on the `--effect-sizes` models: async against the
+  synchronous image, next to the synchronous image against the one without ControlNets (its scale).
 """
 
 from __future__ import annotations
@@ -307,6 +309,32 @@ def cfg_parallel_in_process(root: Path, resolution: int, steps: int, rounds: int
             "median_step_s": {case: statistics.median(v) for case, v in samples.items()}}
 
 
+def async_image_effect(roots: dict[str, Path], resolution: int, steps: int) -> dict:
+    """In-process, per model size and ControlNet count: how far `async` moves the image from the synchronous
+    one, next to how far the ControlNets move it from the image without them (in 1/255 of the uint8 image)."""
+    effect = {}
+    for size, root in roots.items():
+        pipeline = Pipeline(load_model(root / "model"), LocalControlNets(ControlNetCatalog(root / "controlnets")))
+        side = 64 if size == "tiny" else resolution
+        base = GenerationRequest("a lighthouse at dusk", negative_prompt="blurry", seed=3, steps=steps, height=side,
+                                 width=side)
+        plain = pipeline.generate(base).image
+        for count in range(1, len(CONTROLNETS) + 1):
+            controlled = dataclasses.replace(base, controlnets=tuple(
+                ControlNetUse(name, _control(side, i), 1.0) for i, name in enumerate(CONTROLNETS[:count])))
+            synchronous = pipeline.generate(controlled).image
+            asynchronous = pipeline.generate(dataclasses.replace(controlled, controlnet_mode="async")).image
+            effect[f"{size}_{count}cn"] = {"resolution": side, "steps": steps,
+                                           "async_vs_sync": _difference(asynchronous, synchronous),
+                                           "sync_vs_no_controlnet": _difference(synchronous, plain)}
+    return effect
+
+
+def _difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return {"max_abs": int(diff.max()), "mean_abs": float(diff.mean())}
+
+
 def _control(resolution: int, seed: int) -> np.ndarray:
     blocks = np.random.default_rng(seed).integers(0, 256, (resolution // 8, resolution // 8, 3), dtype=np.uint8)
     return np.ascontiguousarray(blocks.repeat(8, axis=0).repeat(8, axis=1))
@@ -348,10 +376,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5, help="calls per graph for the in-process timings")
     parser.add_argument("--batching-calls", type=int, default=4, help="calls per client in the batching test")
+    parser.add_argument("--effect-sizes", nargs="*", default=["tiny", "small"], choices=sorted(SIZES),
+                        help="models on which to measure the asynchronous mode's effect on the image")
+    parser.add_argument("--effect-steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=PROJECT / "perf" / "results" / "controlnet_bench.json")
     args = parser.parse_args()
 
     root = prepare(args.root or PROJECT / "models" / args.size, args.size)
+    effect = async_image_effect({size: root if size == args.size else prepare(PROJECT / "models" / size, size)
+                                 for size in args.effect_sizes}, args.resolution, args.effect_steps)
     times, residuals = graph_times(root, args.resolution, args.repeats)
     cfg = cfg_parallel_in_process(root, args.resolution, max(3, args.steps // 2), max(1, args.rounds - 1))
     print("graphs (s):", {k: round(v, 4) for k, v in times.items()}, flush=True)
@@ -407,8 +440,9 @@ def main() -> None:
     batching_helps = batching_gain > 1.05 and min(rates["controlnet_batched"]) > max(rates["controlnet"])
     report = {
         "machine": f"{os.cpu_count()} CPU cores", "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
-        "command": "python perf/controlnet_bench.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                                  vars(args).items() if k not in ("out", "root")),
+        "command": "python perf/controlnet_bench.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items() if k not in ("out", "root")),
         "model": args.size, "resolution": args.resolution, "steps": args.steps, "rounds": args.rounds,
         "controlnet_instances": 2, "torch_threads_per_instance": 1,
         "graphs_in_process_1_thread_s": times,
@@ -433,6 +467,7 @@ def main() -> None:
                                 "at a time, so calls of different requests never reach it together (a batch would "
                                 "need >= 2 denoiser instances, and a batch dimension on every ControlNet input)"},
         "cfg_parallel_in_process": cfg,
+        "async_image_effect": effect,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -20,7 +20,8 @@ def test_controlnet_bench_smoke_writes_json_and_chart(tiny_root, tmp_path):
     out = tmp_path / "controlnet_bench.json"
     subprocess.run([sys.executable, str(PROJECT / "perf" / "controlnet_bench.py"), "--size", "tiny",
                     "--root", str(root), "--resolution", "64", "--steps", "3", "--rounds", "1", "--repeats", "1",
-                    "--batching-calls", "1", "--out", str(out)], check=True, cwd=PROJECT, timeout=300)
+                    "--batching-calls", "1", "--effect-sizes", "tiny", "--effect-steps", "3",
+                    "--out", str(out)], check=True, cwd=PROJECT, timeout=300)
 
     report = json.loads(out.read_text())
     cases = {f"{n}_{mode}" for n in range(4) for mode in ("sequential", "overlap", "async")}
@@ -33,4 +34,7 @@ def test_controlnet_bench_smoke_writes_json_and_chart(tiny_root, tmp_path):
     assert report["batching"]["batched_model_calls"] > 0 and report["batching"]["verdict"]
     assert set(report["cfg_parallel_in_process"]["median_step_s"]) == {"0cn_batched", "0cn_parallel", "1cn_batched",
                                                                         "1cn_parallel"}
+    effect = report["async_image_effect"]
+    assert set(effect) == {"tiny_1cn", "tiny_2cn", "tiny_3cn"}
+    assert all(case["sync_vs_no_controlnet"]["max_abs"] > 0 for case in effect.values())
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -94,8 +94,8 @@ def test_broken_controlnet_is_a_clear_error_and_the_next_request_succeeds(client
 # ---- a killed ControlNet process ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def own_server(tiny_root, tmp_path_factory):
-    """A server of its own, so that a killed stub cannot reach other tests; explicit model control, so that the
-    test can reload the `controlnet` model; only the models the unary request path needs."""
+    """A server of its own, so that a killed stub cannot reach other tests; only the models the unary request
+    path needs (explicit model control, the launcher's default)."""
     from swiftdiffusion.serve import SHM_ARGS
     from swiftdiffusion.triton.launcher import TritonServer, free_ports
     from swiftdiffusion.triton.repository import Deployment, write_repository
@@ -104,7 +104,7 @@ def own_server(tiny_root, tmp_path_factory):
         model=tiny_root / "model", controlnet_catalog=tiny_root / "controlnets", lora_catalog=str(tiny_root / "loras"),
         controlnet_instances=2, torch_threads=1, resident_controlnets=1))
     triton = TritonServer()
-    triton.start(repository, free_ports(3), log_file=repository / "server.log", model_control_mode="explicit",
+    triton.start(repository, free_ports(3), log_file=repository / "server.log",
                  extra_args=[*SHM_ARGS, "--load-model=text_to_image", "--load-model=controlnet",
                              "--exit-timeout-secs=10"])
     try:
@@ -128,20 +128,13 @@ def controlnet_stubs(repository: Path) -> dict[str, int]:
     return stubs
 
 
-def test_killed_controlnet_process_fails_fast_until_the_model_is_reloaded(own_server, pipeline):
-    """What Triton 2.51's Python backend does when a ControlNet instance's stub process dies (SIGKILL):
-
-    - a request whose ControlNet call lands on that instance fails within about a second (the backend's stub
-      health check), INTERNAL, the message naming the ControlNet and the dead instance (`Stub process
-      'controlnet_0_0' is not healthy`): no hang;
-    - the stub is never restarted and the instance stays in rotation; failing fast, it is idle first and takes
-      most calls, so nearly every ControlNet request fails from then on (a request makes one call per step);
-    - the server and the model still answer ready: a readiness probe does not notice;
-    - reloading the model (`load_model("controlnet")`, explicit model control) starts fresh stubs, and the next
-      request gets the correct image. With `--model-control-mode=none` nothing short of a restart recovers.
-    """
+def test_killed_controlnet_process_fails_one_request_and_the_next_is_served(own_server, pipeline):
+    """A ControlNet instance's stub process dies (SIGKILL). Triton 2.51 neither restarts it nor takes the instance
+    out of rotation (the server and the model still answer ready), so without help nearly every later ControlNet
+    call would fail. The orchestrator's first call that meets the dead stub reloads the ControlNet model, and
+    its request fails with a clear error; the request after it gets the correct image from fresh stubs."""
     triton, repository = own_server
-    client = Client(triton.grpc_url, timeout_s=60)
+    client = Client(triton.grpc_url, timeout_s=120)
     good = request(1)
     expected = pipeline.generate(request(1, "sequential")).image
     assert np.array_equal(client.generate(good).image, expected)
@@ -151,22 +144,20 @@ def test_killed_controlnet_process_fails_fast_until_the_model_is_reloaded(own_se
     while "controlnet_0_0" in controlnet_stubs(repository):
         time.sleep(0.05)
 
-    outcomes = []
-    for _ in range(3):
-        began = time.monotonic()
+    error = None
+    for _ in range(4):  # a request whose calls all land on the live instance is served: try a few
         try:
-            outcomes.append((client.generate(good).image, time.monotonic() - began))
-        except InferenceServerException as error:
-            outcomes.append((error, time.monotonic() - began))
-    errors = [(o, s) for o, s in outcomes if isinstance(o, InferenceServerException)]
-    assert errors
-    for error, seconds in errors:
-        assert error.status() == "StatusCode.INTERNAL" and seconds < 20
-        assert "ControlNet 'canny' failed" in error.message() and "'controlnet_0_0' is not healthy" in error.message()
-    assert all(np.array_equal(o, expected) for o, _ in outcomes if isinstance(o, np.ndarray))
-    assert set(controlnet_stubs(repository)) == {"controlnet_0_1"}  # not restarted
-    assert client.grpc.is_server_ready() and client.grpc.is_model_ready("controlnet")
+            assert np.array_equal(client.generate(good).image, expected)
+        except InferenceServerException as raised:
+            error = raised
+            break
+    assert error is not None, "no request met the dead instance"
+    assert error.status() == "StatusCode.INTERNAL"
+    assert "ControlNet 'canny' failed" in error.message() and "'controlnet_0_0' is not healthy" in error.message()
+    assert "model 'controlnet' was reloaded" in error.message()
+    fresh = controlnet_stubs(repository)
+    assert set(fresh) == set(stubs) and not set(fresh.values()) & set(stubs.values())
 
-    client.grpc.load_model("controlnet")
     assert np.array_equal(client.generate(good).image, expected)
+    assert np.array_equal(client.generate(request(2)).image, pipeline.generate(request(2, "sequential")).image)
     client.close()

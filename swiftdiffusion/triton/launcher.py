@@ -166,6 +166,8 @@ class TritonServer:
         ]
         if self.install.cache_dir is not None:
             cmd.append(f"--cache-directory={self.install.cache_dir}")
+        if model_control_mode == "explicit" and not any(a.startswith("--load-model") for a in extra_args):
+            cmd.append("--load-model=*")
         return cmd + list(extra_args)
 
     def start(
@@ -175,9 +177,13 @@ class TritonServer:
         host: str = "127.0.0.1",
         extra_args: Sequence[str] = (),
         log_file: str | Path | None = None,
-        model_control_mode: str = "none",
+        model_control_mode: str = "explicit",
     ) -> None:
-        """Launch the server without waiting for it; output goes to ``log_file``, or to our console if None."""
+        """Launch the server without waiting for it; output goes to ``log_file``, or to our console if None.
+
+        Explicit model control (every model loaded at start unless ``extra_args`` name some) lets the
+        orchestrator reload a model whose Python stub died, which Triton does not restart by itself.
+        """
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError(f"tritonserver already running (pid {self.process.pid})")
         self.ports, self.host = Ports(*ports), host
@@ -247,7 +253,7 @@ def run_foreground(
     ports: Sequence[int] = Ports(),
     host: str = "127.0.0.1",
     extra_args: Sequence[str] = (),
-    model_control_mode: str = "none",
+    model_control_mode: str = "explicit",
 ) -> int:
     """Run the server until it exits, its output on our console; return a shell-style exit code (for ``make serve``).
 

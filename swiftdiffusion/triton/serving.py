@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -163,11 +164,20 @@ class ControlNetServiceModel(ModelBase):
             return self.error(error)
 
 
+# The Python backend's error for a call routed to an instance whose stub process has died.
+DEAD_STUB = "is not healthy"
+
+
 class BlsControlNets:
     """The orchestrator's ControlNet runner: asynchronous BLS calls to the ControlNet model.
 
     `submit` sends the request at once (`async_exec` does, a coroutine would not until awaited), so the
     ControlNet instances compute while the caller runs the UNet encoder.
+
+    A dead instance: Triton 2.51 never restarts a Python stub that died (killed, out of memory) and keeps its
+    instance in rotation, where it fails every call it gets. The first call that meets it reloads the ControlNet
+    model (fresh stubs; needs explicit model control, which the launcher uses) before its request fails, so the
+    request after it is served. Calls sent before that reload fail without reloading again.
     """
 
     def __init__(self, pb, model_name: str, catalog_root: str, output_names: tuple[str, ...], device: torch.device):
@@ -176,6 +186,8 @@ class BlsControlNets:
         self.catalog_root = Path(catalog_root)
         self.output_names = output_names
         self.device = device
+        self.reloads = 0  # reloads of the ControlNet model done by this process
+        self.reload_lock = threading.Lock()  # CFG-parallel branches call from threads of their own
 
     def check(self, name: str) -> None:
         resolve(self.catalog_root, name, "", "controlnet_names")
@@ -186,14 +198,28 @@ class BlsControlNets:
                     for n in CONTROLNET_INPUTS]
         future = self.pb.InferenceRequest(model_name=self.model_name, inputs=tensors,
                                           requested_output_names=list(self.output_names)).async_exec()
-        return self._collect(name, future)
+        return self._collect(name, future, self.reloads)
 
-    async def _collect(self, name: str, future) -> dict[str, torch.Tensor]:
+    async def _collect(self, name: str, future, reloads_at_send: int) -> dict[str, torch.Tensor]:
         response = await future
         if response.has_error():
-            raise RuntimeError(f"ControlNet {name!r} failed: {response.error().message()}")
+            message = response.error().message()
+            if DEAD_STUB in message:
+                message += self._reload(reloads_at_send)
+            raise RuntimeError(f"ControlNet {name!r} failed: {message}")
         return {n: torch.from_numpy(self.pb.get_output_tensor_by_name(response, n).as_numpy()).to(self.device)
                 for n in self.output_names}
+
+    def _reload(self, reloads_at_send: int) -> str:
+        """Reloads the ControlNet model unless that happened since the failed call was sent; what to tell."""
+        with self.reload_lock:
+            if self.reloads == reloads_at_send:
+                try:
+                    self.pb.load_model(model_name=self.model_name)
+                except Exception as error:  # e.g. a server without explicit model control
+                    return f"; reloading model {self.model_name!r} failed: {error}"
+                self.reloads += 1
+        return f"; model {self.model_name!r} was reloaded, a new request will be served"
 
 
 # ---- denoiser (the orchestrator) ------------------------------------------------------------------------------

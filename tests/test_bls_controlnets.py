@@ -1,0 +1,85 @@
+"""The orchestrator's ControlNet runner against a stand-in for `triton_python_backend_utils`: how it reacts to a
+dead ControlNet instance (the end-to-end test with a killed stub is in test_controlnet_service.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from swiftdiffusion.triton.serving import CONTROLNET_INPUTS, BlsControlNets
+
+OUTPUTS = ("down_0", "mid")
+DEAD = ("Failed to process the request(s) for model 'controlnet_0_0', message: "
+        "Stub process 'controlnet_0_0' is not healthy.")
+
+
+class StandIn:
+    """The parts of pb that BlsControlNets uses; each call's response is the next of `errors` (None: success)."""
+
+    def __init__(self, errors: list[str | None], reload_error: Exception | None = None):
+        self.errors = list(errors)
+        self.reload_error = reload_error
+        self.loads: list[str] = []
+
+    def Tensor(self, name, array):  # noqa: N802 - pb's name
+        return SimpleNamespace(name=name, array=array)
+
+    def InferenceRequest(self, model_name, inputs, requested_output_names):  # noqa: N802
+        error = self.errors.pop(0)
+
+        async def respond():
+            return SimpleNamespace(has_error=lambda: error is not None,
+                                   error=lambda: SimpleNamespace(message=lambda: error), outputs=OUTPUTS)
+        return SimpleNamespace(async_exec=lambda: asyncio.ensure_future(respond()))
+
+    def get_output_tensor_by_name(self, response, name):
+        return SimpleNamespace(as_numpy=lambda: np.full((1, 2), OUTPUTS.index(name), np.float32))
+
+    def load_model(self, model_name):
+        if self.reload_error is not None:
+            raise self.reload_error
+        self.loads.append(model_name)
+
+
+def run(pb: StandIn, calls: int) -> list[object]:
+    """`calls` ControlNet calls in flight at once; each one's residuals or error."""
+    runner = BlsControlNets(pb, "controlnet", "/catalog", OUTPUTS, torch.device("cpu"))
+    inputs = {name: torch.zeros(1) for name in CONTROLNET_INPUTS}
+
+    async def main():
+        pending = [runner.submit("canny", inputs) for _ in range(calls)]
+        return await asyncio.gather(*pending, return_exceptions=True)
+    return asyncio.run(main())
+
+
+def test_success_returns_every_residual_on_the_device():
+    (residuals,) = run(StandIn([None]), 1)
+    assert set(residuals) == set(OUTPUTS) and residuals["mid"].tolist() == [[1.0, 1.0]]
+
+
+def test_a_dead_instance_reloads_the_model_once_for_the_calls_in_flight():
+    pb = StandIn([DEAD, None, DEAD])
+    first, second, third = run(pb, 3)
+    assert pb.loads == ["controlnet"]
+    assert isinstance(second, dict)
+    for error in (first, third):
+        assert isinstance(error, RuntimeError)
+        assert str(error).startswith("ControlNet 'canny' failed: ") and "'controlnet_0_0' is not healthy" in str(error)
+        assert str(error).endswith("model 'controlnet' was reloaded, a new request will be served")
+
+
+def test_a_failed_reload_is_part_of_the_error():
+    pb = StandIn([DEAD], reload_error=RuntimeError("explicit model control is disabled"))
+    (error,) = run(pb, 1)
+    assert "reloading model 'controlnet' failed: explicit model control is disabled" in str(error)
+
+
+@pytest.mark.parametrize("message", ["ControlNet raised: out of range", "unknown ControlNet 'x'"])
+def test_other_errors_do_not_reload(message):
+    pb = StandIn([message])
+    (error,) = run(pb, 1)
+    assert pb.loads == [] and str(error) == f"ControlNet 'canny' failed: {message}"
