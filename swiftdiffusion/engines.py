@@ -37,6 +37,11 @@ class WeightPatch:
     key: tuple
     layers: Mapping[str, LayerDelta]
 
+    def to(self, device: torch.device) -> WeightPatch:
+        """The same patch with its factors on `device` (for a second copy of the model there)."""
+        return WeightPatch(self.key, {name: LayerDelta(d.up.to(device), d.down.to(device))
+                                      for name, d in self.layers.items()})
+
 
 class Engine(Protocol):
     spec: GraphSpec

@@ -90,9 +90,13 @@ class Pipeline:
     """One loaded model serving requests one at a time (the Triton instance's execution model)."""
 
     def __init__(self, model: LoadedModel, controlnets: ControlNetRunner | None = None,
-                 loras: LoraStore | None = None, limits: Limits = Limits(), lora_deadline_fraction: float = 0.2):
+                 loras: LoraStore | None = None, limits: Limits = Limits(), lora_deadline_fraction: float = 0.2,
+                 cfg_model: LoadedModel | None = None):
+        """`cfg_model`: a second copy of the UNet engines, normally on a second device, that runs the
+        unconditional branch of `cfg_parallel` requests; without it both branches share `model`'s engines."""
         self.model = model
         self.engines = model.engines
+        self.cfg_model = cfg_model
         self.controlnets = controlnets
         self.loras = loras
         self.limits = limits
@@ -157,10 +161,12 @@ class Pipeline:
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = {"generator": generator, "eta": 0.0}
         step_kwargs = {k: v for k, v in step_kwargs.items() if k in self.step_kwargs[request.scheduler]}
-        # One branch for the batch [unconditional, conditional]; with `cfg_parallel` one per half, on its own worker.
-        branches = [_Branch(self, [(c.name, self._control_image(c.image, guided and not parallel), c.scale)
-                                   for c in request.controlnets], request.controlnet_mode, request.steps)
-                    for _ in range(2 if parallel else 1)]
+        # One branch for the batch [unconditional, conditional]; with `cfg_parallel` one per half, on its own worker
+        # (the unconditional half on `cfg_model` when there is one).
+        branch_models = ((self.cfg_model or model), model) if parallel else (model,)
+        controls = [(c.name, self._control_image(c.image, guided and not parallel), c.scale)
+                    for c in request.controlnets]
+        branches = [_Branch(self, branch, controls, request.controlnet_mode, request.steps) for branch in branch_models]
         timesteps = scheduler.timesteps
         engine_timesteps = timesteps.to(model.device, torch.float32).reshape(-1, 1)
 
@@ -179,6 +185,7 @@ class Pipeline:
                     worker.run(branch.noise({"sample": sample, "timestep": timestep,
                                              "encoder_hidden_states": embeddings[i:i + 1]}, index))
                     for i, (worker, branch) in enumerate(zip(self._cfg_workers, branches))))
+                uncond = uncond.to(model.device)
             else:
                 model_input = torch.cat([latents] * 2) if guided else latents
                 model_input = scheduler.scale_model_input(model_input, t)
@@ -196,43 +203,28 @@ class Pipeline:
         return [(self.controlnets.submit(name, {**inputs, "controlnet_cond": image}), scale)
                 for name, image, scale in controls]
 
-    async def _summed(self, submitted: list) -> list[torch.Tensor]:
+    async def _summed(self, submitted: list, device: torch.device) -> list[torch.Tensor]:
         """Awaits submitted ControlNets; their residuals scaled and summed in request order, as MultiControlNet."""
         names = self.engines["unet_decoder"].spec.inputs[1:-1]  # skips and mid, in order
         total = None
         for future, scale in submitted:
             residuals = await future
-            scaled = torch._foreach_mul([residuals[name] for name in names], scale)
+            scaled = torch._foreach_mul([residuals[name].to(device) for name in names], scale)
             total = scaled if total is None else torch._foreach_add(total, scaled)
         return total
-
-    async def _unet_step(self, inputs: dict, submitted: list | None, summed: list | None) -> torch.Tensor:
-        """Noise prediction: the full UNet without ControlNets; else encoder, residuals added, decoder.
-
-        `submitted` ControlNets are awaited only after the encoder has been launched, so they overlap it;
-        `summed` residuals are already at hand (sequential and asynchronous modes).
-        """
-        if submitted is None and summed is None:
-            return self.engines["unet"](inputs)["noise_pred"]
-        hidden = self.engines["unet_encoder"](inputs)
-        if summed is None:
-            summed = await self._summed(submitted)
-        names = self.engines["unet_decoder"].spec.inputs[1:-1]
-        decoder_inputs = dict(zip(names, torch._foreach_add([hidden[name] for name in names], summed)))
-        decoder_inputs["emb"] = hidden["emb"]
-        decoder_inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"]
-        return self.engines["unet_decoder"](decoder_inputs)["noise_pred"]
 
     @functools.cached_property
     def _cfg_workers(self) -> tuple[_Worker, _Worker]:
         """The unconditional and the conditional branch's workers, created on the first `cfg_parallel` request."""
-        return _Worker(self.model.device), _Worker(self.model.device)
+        return _Worker((self.cfg_model or self.model).device), _Worker(self.model.device)
 
     def _check_parallel(self) -> None:
-        """Concurrent branches would share a CUDA graph's static buffers (and its ControlNets' graphs)."""
+        """Concurrent branches must not share a CUDA graph's static buffers: neither the UNet's (unless the
+        unconditional branch has a copy of its own) nor a local ControlNet's."""
         catalog = getattr(self.controlnets, "catalog", None)
-        if any(isinstance(engine, GraphedEngine) and engine.enabled for engine in self.engines.values()) or (
-                isinstance(catalog, GraphedControlNetCatalog) and torch.device(catalog.device).type == "cuda"):
+        shared_unet = self.cfg_model is None and any(
+            isinstance(engine, GraphedEngine) and engine.enabled for engine in self.engines.values())
+        if shared_unet or (isinstance(catalog, GraphedControlNetCatalog) and torch.device(catalog.device).type == "cuda"):
             raise RequestError("cfg_parallel", "not available with CUDA-graph engines (the branches would share "
                                                "their static buffers)")
 
@@ -258,16 +250,23 @@ class Pipeline:
         """Patches (or, with None, restores) every engine whose weights LoRAs touch.
 
         The three UNet engines share one set of torch weights (repeats are no-ops); TensorRT engines each refit.
+        A `cfg_model` copy gets the same patch, its factors moved to its device.
         """
         begin = time.perf_counter()
         self.applied_key, self.applied_text_lora = None, False
+        unets = [self.engines[name] for name in UNET_ENGINES]
+        copies = [] if self.cfg_model is None else [self.cfg_model.engines[name] for name in UNET_ENGINES]
         if lora_set is None:
-            for name in (*UNET_ENGINES, "text_encoder"):
-                self.engines[name].restore()
+            for engine in (*unets, *copies, self.engines["text_encoder"]):
+                engine.restore()
             timings.restore_s += time.perf_counter() - begin
             return
-        for name in UNET_ENGINES:
-            self.engines[name].patch(lora_set.unet)
+        for engine in unets:
+            engine.patch(lora_set.unet)
+        if copies:
+            patch = lora_set.unet.to(self.cfg_model.device)
+            for engine in copies:
+                engine.patch(patch)
         self.engines["text_encoder"].patch(lora_set.text_encoder)
         self.applied_key, self.applied_text_lora = lora_set.key, bool(lora_set.text_encoder.layers)
         timings.patch_s += time.perf_counter() - begin
@@ -302,31 +301,51 @@ class _Branch:
     """The UNet work of one denoising branch per step, its ControlNets in the request's mode.
 
     A branch is the CFG batch [unconditional, conditional], or one half of it with `cfg_parallel`; it keeps the
-    asynchronous mode's residuals across steps, so each half has its own.
+    asynchronous mode's residuals across steps, so each half has its own. Its UNet engines may be a copy on
+    another device: ControlNets take the step's inputs where the pipeline has them, the UNet on its own device.
     """
 
-    def __init__(self, pipeline: Pipeline, controls: list, mode: str, steps: int):
+    def __init__(self, pipeline: Pipeline, model: LoadedModel, controls: list, mode: str, steps: int):
         self.pipeline = pipeline
+        self.engines = model.engines
+        self.device = model.device
         self.controls = controls
         self.mode = mode
         self.last = steps - 1
         self.held = self.waiting = None  # async mode: residuals in use, work submitted one step ago
 
     async def noise(self, inputs: dict, index: int) -> torch.Tensor:
-        pipeline, controls = self.pipeline, self.controls
+        pipeline, controls, device = self.pipeline, self.controls, self.device
         submitted = summed = None
         if controls and self.mode == "overlap":
             submitted = pipeline._submit(inputs, controls)  # awaited once the encoder is launched
         elif controls and self.mode == "sequential":
-            summed = await pipeline._summed(pipeline._submit(inputs, controls))
+            summed = await pipeline._summed(pipeline._submit(inputs, controls), device)
         elif controls:  # async: step t uses the residuals of step t-1's latent (step 0 its own)
             if index == 0:
-                self.held = await pipeline._summed(pipeline._submit(inputs, controls))
+                self.held = await pipeline._summed(pipeline._submit(inputs, controls), device)
             elif self.waiting is not None:
-                self.held = await pipeline._summed(self.waiting)
+                self.held = await pipeline._summed(self.waiting, device)
             self.waiting = pipeline._submit(inputs, controls) if 0 < index < self.last else None
             summed = self.held
-        return await pipeline._unet_step(inputs, submitted, summed)
+        return await self._unet_step({name: tensor.to(device) for name, tensor in inputs.items()}, submitted, summed)
+
+    async def _unet_step(self, inputs: dict, submitted: list | None, summed: list | None) -> torch.Tensor:
+        """Noise prediction: the full UNet without ControlNets; else encoder, residuals added, decoder.
+
+        `submitted` ControlNets are awaited only after the encoder has been launched, so they overlap it;
+        `summed` residuals are already at hand (sequential and asynchronous modes).
+        """
+        if submitted is None and summed is None:
+            return self.engines["unet"](inputs)["noise_pred"]
+        hidden = self.engines["unet_encoder"](inputs)
+        if summed is None:
+            summed = await self.pipeline._summed(submitted, self.device)
+        names = self.engines["unet_decoder"].spec.inputs[1:-1]
+        decoder_inputs = dict(zip(names, torch._foreach_add([hidden[name] for name in names], summed)))
+        decoder_inputs["emb"] = hidden["emb"]
+        decoder_inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"]
+        return self.engines["unet_decoder"](decoder_inputs)["noise_pred"]
 
 
 class _Worker:

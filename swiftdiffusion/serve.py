@@ -35,6 +35,7 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
                       controlnet_catalog=Path(args.controlnets), lora_catalog=str(args.loras),
                       dtype=args.dtype, gpus=gpus, controlnet_instances=args.controlnet_instances,
                       torch_threads=args.torch_threads, compile=args.compile,
+                      cfg_device=f"cuda:{args.cfg_gpu}" if args.cfg_gpu is not None else "",
                       limits=Limits(max_steps=args.max_steps, max_size=args.max_size))
 
 
@@ -52,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="with --device cuda: torch.compile the UNet and ControlNets before graph capture "
                         "(minutes at first use of each shape; pays back in a long-lived server)")
+    p.add_argument("--cfg-gpu", type=int, help="with --device cuda: a UNet copy on this GPU runs the unconditional "
+                                                "branch of cfg_parallel requests")
     p.add_argument("--torch-threads", type=int, default=0, help="threads per model instance (0: torch's default)")
     p.add_argument("--max-steps", type=int, default=Limits.max_steps)
     p.add_argument("--max-size", type=int, default=Limits.max_size)

@@ -41,14 +41,15 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 @pytest.fixture(scope="session")
 def server(tiny_root, tmp_path_factory):
-    """One real tritonserver on free local ports over the tiny model, for every end-to-end test."""
+    """One real tritonserver on free local ports over the tiny model, for every end-to-end test; its denoiser
+    keeps a UNet copy for CFG-parallel requests' unconditional branch (on a second GPU in production)."""
     from swiftdiffusion.serve import SHM_ARGS
     from swiftdiffusion.triton.launcher import TritonServer, free_ports
     from swiftdiffusion.triton.repository import Deployment, write_repository
 
     repository = write_repository(tmp_path_factory.mktemp("repository"), Deployment(
         model=tiny_root / "model", controlnet_catalog=tiny_root / "controlnets", lora_catalog=str(tiny_root / "loras"),
-        controlnet_instances=2, torch_threads=1, resident_controlnets=1, baseline=True))
+        controlnet_instances=2, torch_threads=1, resident_controlnets=1, baseline=True, cfg_device="cpu"))
     triton = TritonServer()
     triton.start(repository, free_ports(3), extra_args=SHM_ARGS, log_file=repository / "server.log")
     try:

@@ -40,6 +40,9 @@ class Deployment:
     lora_deadline_fraction: float = 0.2
     torch_threads: int = 0  # 0: torch's default; set it to share CPU cores between instances
     compile: bool = False  # GPU instances: torch.compile the per-step engines before graph capture (README)
+    # Where the orchestrator keeps a UNet copy for the unconditional branch of `cfg_parallel` requests
+    # ("cuda:1"; "cpu" in tests); empty: both branches share the instance's UNet.
+    cfg_device: str = ""
     # The diffusers baseline model, for benchmarks and tests: a second copy of the weights, so off by default.
     baseline: bool = False
     limits: Limits = Limits()
@@ -106,7 +109,8 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
         TensorSpec("controlnet_cond", "TYPE_FP32", (-1, 3, -1, -1), optional=False),
     ]
     residuals = [TensorSpec(name, "TYPE_FP32", (-1, -1, -1, -1), optional=False) for name in (*skips, "mid")]
-    denoiser_params = {**model, **catalogs, **limits, "controlnet_model": "controlnet"}
+    denoiser_params = {**model, **catalogs, **limits, "controlnet_model": "controlnet",
+                       "cfg_device": deployment.cfg_device}
     configs = {
         "text_encoder": _python("text_encoder", 8, _io(prompt_inputs, [embeddings]) + _instances(
             deployment, "text_encoder") + _parameters(model), batching=True),

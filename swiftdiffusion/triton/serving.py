@@ -80,10 +80,12 @@ class ModelBase:
             value = value.detach().cpu().numpy()
         return self.pb.Tensor(name, np.ascontiguousarray(value))
 
-    def load(self, parts: tuple[str, ...]) -> LoadedModel:
-        """The model's engines for these parts; on a GPU as CUDA graphs with channels-last weights."""
-        model = load_model(self.params["model"], self.device, self.dtype, self.params.get("model_config"), parts)
-        if self.device.type != "cuda":
+    def load(self, parts: tuple[str, ...], device: torch.device | None = None) -> LoadedModel:
+        """The model's engines for these parts, on this instance's device unless told; on a GPU as CUDA graphs
+        with channels-last weights."""
+        device = device or self.device
+        model = load_model(self.params["model"], device, self.dtype, self.params.get("model_config"), parts)
+        if device.type != "cuda":
             return model
         return graph_engines(model, channels_last=True, compile=self.compile)
 
@@ -237,8 +239,11 @@ class DenoiserModel(ModelBase):
         controlnets = BlsControlNets(self.pb, self.params.get("controlnet_model", "controlnet"),
                                      self.params["controlnet_catalog"], controlnet_outputs, self.device)
         loras = LoraStore(self.params["lora_catalog"], model.weight_shapes, self.device, self.dtype)
+        # `cfg_parallel` requests run their unconditional branch on a UNet copy there (e.g. a second GPU).
+        cfg_device = self.params.get("cfg_device")
+        cfg_model = self.load(("unet",), torch.device(cfg_device)) if cfg_device else None
         self.pipeline = Pipeline(model, controlnets, loras, self.limits(),
-                                 float(self.params.get("lora_deadline_fraction", "0.2")))
+                                 float(self.params.get("lora_deadline_fraction", "0.2")), cfg_model)
         self.metrics = LoraMetrics(self.pb, self.config["name"])
 
     async def execute(self, requests):
