@@ -148,7 +148,8 @@ def graph_engines(model: LoadedModel, channels_last: bool = False, compile: bool
     `model`'s engines are captured by anything else."""
     engines = dict(model.engines)
     for name in GRAPHED:
-        engines[name] = graphed(engines[name], channels_last, compile=compile and name in COMPILED)
+        if name in engines:  # a Triton model loads only the parts it runs
+            engines[name] = graphed(engines[name], channels_last, compile=compile and name in COMPILED)
     return dataclasses.replace(model, engines=engines)
 
 

@@ -72,6 +72,13 @@ def test_cpu_falls_back_to_eager_with_identical_outputs(cpu_models):
         assert not engine.graphs and engine.engine is model.engines[name]
 
 
+def test_a_model_of_some_parts_is_graphed_as_it_is(tiny_root):
+    """A Triton model loads only what it runs (the denoiser's CFG copy: the UNet alone)."""
+    unet_only = graph_engines(load_model(tiny_root / "model", parts=("unet",)))
+    assert set(unet_only.engines) == {"unet", "unet_encoder", "unet_decoder"}
+    assert all(isinstance(engine, GraphedEngine) for engine in unet_only.engines.values())
+
+
 def test_patch_and_restore_reach_the_shared_weights(tiny_root, cpu_models):
     model, graphed = cpu_models
     inputs = engine_inputs(model)["unet"]
