@@ -563,6 +563,44 @@ def lora_patch_probe(ours: dict[str, Ours], settings: Settings) -> dict:
             "layers": len(lora_set.unet.layers) + len(lora_set.text_encoder.layers), "first_patch_ms": patch_s[0] * 1e3}
 
 
+def cfg_parallel_probe(root: Path, ours: dict[str, Ours], settings: Settings) -> dict:
+    """CFG halves as two concurrent batch-1 passes, the unconditional one on a UNet copy with graphs of its own
+    (on this same GPU; production puts the copy on a second one), against the batched graphs: images, the LoRA
+    patched into both copies bit for bit, seconds per image."""
+    model = ours["graphed"].model
+    copy = graph_engines(torch_engines(load_components(root / "model", parts=("unet",)), settings.device,
+                                       settings.dtype), channels_last=settings.cuda)
+    pipeline = Pipeline(model, None, LoraStore(root / "loras", model.weight_shapes, model.device, model.dtype),
+                        cfg_model=copy)
+    result: dict = {"tolerance": TOLERANCE}
+    images = {}
+    for case, loras in (("0C/0L", 0), ("0C/1L", 1)):
+        request = make_request(settings, 0, loras)
+        entry = result[case] = {}
+        for mode in ("batched", "parallel"):
+            seconds = []
+            for _ in range(settings.warmup + settings.runs):
+                with cold_loras(root, request.loras) as uses:
+                    begin = time.perf_counter()
+                    image = pipeline.generate(dataclasses.replace(request, loras=uses,
+                                                                  cfg_parallel=mode == "parallel")).image
+                    seconds.append(time.perf_counter() - begin)
+            entry[f"{mode}_median_s"] = statistics.median(seconds[settings.warmup:])
+            images[case, mode] = image
+        if loras:
+            main, twin = (dict(m.engines["unet"].engine.module.named_parameters()) for m in (model, copy))
+            entry["copy_weights_equal_main"] = all(torch.equal(twin[n], w) for n, w in main.items())
+        diff = image_diff(images[case, "parallel"], images[case, "batched"])
+        entry["parallel_vs_batched"] = {**diff, "pass": within_tolerance(diff)}
+        say(f"cfg_parallel {case}: {entry}")
+    result["lora_changes_image"] = image_diff(images["0C/1L", "parallel"], images["0C/0L", "parallel"])
+    pipeline.generate(make_request(settings, 0, 0, steps=1))  # both copies restored
+    result["all_pass"] = (all(result[c]["parallel_vs_batched"]["pass"] for c in ("0C/0L", "0C/1L"))
+                          and result["0C/1L"]["copy_weights_equal_main"]
+                          and result["lora_changes_image"]["max_abs"] > TOLERANCE["max_abs"])
+    return result
+
+
 def probe_inputs(model: LoadedModel, settings: Settings) -> dict[str, dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
 
@@ -592,13 +630,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=default_out, required=default_out is None)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, fp32, 64x64, 4 steps, N=1")
     parser.add_argument("--root", type=Path, default=Path("/tmp/sd15"), help="where the SD1.5-shaped model is built")
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--cases", nargs="*", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--variants", nargs="*", choices=EXTRA_VARIANTS, default=list(EXTRA_VARIANTS),
                         help="extra graphed variants: ControlNets on side streams (cases with ControlNets); "
                              "and asynchronous residuals; side streams plus per-step engines through torch.compile "
                              "(measured last, after its own device checks)")
     parser.add_argument("--skip-eager", action="store_true", help="measure only graphed variants (and diffusers)")
+    parser.add_argument("--cfg-parallel", action="store_true",
+                        help="also CFG halves on two concurrent graphs, the unconditional one on a UNet copy")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
@@ -696,13 +736,16 @@ def main(argv: list[str] | None = None) -> int:
             run_case(case, state["diffusers"], ours, root, settings, save, results, first, images)
         section("step_probe", lambda: step_probe(ours, settings, ("eager", "graphed")))
         section("lora_patch_probe", lambda: lora_patch_probe(ours, settings))
+        if args.cfg_parallel:
+            section("cfg_parallel", lambda: cfg_parallel_probe(root, ours, settings))
         if "compiled" in ours:  # last: its first use of each shape compiles for a minute or so
             section("checks_compiled", lambda: device_checks(ours["eager"], ours["compiled"], root, settings))
             for case in args.cases:
                 run_case(case, state["diffusers"], ours, root, settings, save, results, ("compiled",), images)
             section("step_probe_compiled", lambda: step_probe(ours, settings, ("compiled",)))
     results["summary"] = {**{f"{name}_all_pass": results[name].get("all_pass") for name in
-                             ("checks", "checks_overlap", "checks_compiled") if name in results}, **{
+                             ("checks", "checks_overlap", "checks_compiled", "cfg_parallel") if name in results},
+                          **{
         case: {"median_s": {n: v.get("median_s") for n, v in entry.items() if n.startswith(("diffusers", "ours"))},
                "ratios": entry.get("ratios", {})} for case, entry in results["cases"].items()}}
     save()

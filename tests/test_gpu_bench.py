@@ -20,7 +20,7 @@ SYSTEMS = {
 
 def test_dry_run_records_every_case_system_and_ratio(tmp_path):
     out = tmp_path / "gpu_dry.json"
-    subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], check=True, timeout=120,
+    subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--cfg-parallel", "--out", str(out)], check=True, timeout=120,
                    capture_output=True, text=True)
     results = json.loads(out.read_text())
     checks = ("checks", "checks_overlap", "checks_compiled")
@@ -42,4 +42,5 @@ def test_dry_run_records_every_case_system_and_ratio(tmp_path):
             assert entry["diffusers"]["median_lora_load_s"] > 0
             assert all(entry[system]["median_lora_load_s"] > 0 for system in systems)
             assert entry["ours_eager_sync"]["vs_diffusers"]["max_abs"] <= 2  # fp32: the fidelity tests' bound
-    assert all(results["summary"][f"{section}_all_pass"] for section in checks)
+    assert all(results["summary"][f"{section}_all_pass"] for section in (*checks, "cfg_parallel"))
+    assert results["cfg_parallel"]["0C/1L"]["copy_weights_equal_main"]
