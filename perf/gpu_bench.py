@@ -563,6 +563,23 @@ def lora_patch_probe(ours: dict[str, Ours], settings: Settings) -> dict:
             "layers": len(lora_set.unet.layers) + len(lora_set.text_encoder.layers), "first_patch_ms": patch_s[0] * 1e3}
 
 
+def transfer_probe(ours: dict[str, Ours], settings: Settings) -> dict:
+    """One ControlNet call's residuals (CFG batch 2): their bytes, and what moving them costs per call through
+    host memory (device -> numpy -> device, as BLS with numpy tensors does) against a copy on the device (the
+    lower bound a DLPack hand-over between GPUs would approach; peer links are faster than the host path)."""
+    inputs = probe_inputs(ours["eager"].model, settings)["controlnet"]
+    tensors = list(ours["graphed"].catalog.get("canny")(inputs).values())
+
+    def median_ms(fn: Callable[[], object]) -> float:
+        fn()
+        return statistics.median(synced_s(fn, settings.cuda) for _ in range(settings.probe_iters)) * 1e3
+
+    return {"bytes": sum(t.numel() * t.element_size() for t in tensors), "tensors": len(tensors),
+            "via_host_ms": median_ms(lambda: [torch.from_numpy(t.cpu().numpy()).to(settings.device)
+                                              for t in tensors]),
+            "device_copy_ms": median_ms(lambda: [t.clone() for t in tensors])}
+
+
 def cfg_parallel_probe(root: Path, ours: dict[str, Ours], settings: Settings) -> dict:
     """CFG halves as two concurrent batch-1 passes, the unconditional one on a UNet copy with graphs of its own
     (on this same GPU; production puts the copy on a second one), against the batched graphs: images, the LoRA
@@ -736,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
             run_case(case, state["diffusers"], ours, root, settings, save, results, first, images)
         section("step_probe", lambda: step_probe(ours, settings, ("eager", "graphed")))
         section("lora_patch_probe", lambda: lora_patch_probe(ours, settings))
+        section("transfer_probe", lambda: transfer_probe(ours, settings))
         if args.cfg_parallel:
             section("cfg_parallel", lambda: cfg_parallel_probe(root, ours, settings))
         if "compiled" in ours:  # last: its first use of each shape compiles for a minute or so

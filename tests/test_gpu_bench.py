@@ -24,7 +24,7 @@ def test_dry_run_records_every_case_system_and_ratio(tmp_path):
                    capture_output=True, text=True)
     results = json.loads(out.read_text())
     checks = ("checks", "checks_overlap", "checks_compiled")
-    for section in ("build", "load", *checks, "step_probe", "lora_patch_probe", "step_probe_compiled"):
+    for section in ("build", "load", *checks, "step_probe", "lora_patch_probe", "transfer_probe", "step_probe_compiled"):
         assert "error" not in results[section], results[section]
     for section in checks:
         assert results[section]["all_pass"]
