@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from typing import Mapping
 
@@ -41,6 +42,12 @@ log = logging.getLogger(__name__)
 GRAPHED = ("text_encoder", "unet", "unet_encoder", "unet_decoder", "vae_decoder")
 # The ones called every denoising step, where compilation time pays back; the text encoder and VAE run once.
 COMPILED = ("unet", "unet_encoder", "unet_decoder")
+
+
+# One capture at a time per process, and no engine launching beside it (PyTorch's rule for graph capture): seen
+# on an H100 as "operation not permitted when stream is capturing" when the two CFG-parallel branches captured
+# their graphs at once from two threads. Held per call only while launching, so replays still overlap on the GPU.
+_LAUNCH_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass
@@ -85,6 +92,10 @@ class GraphedEngine:
     def __call__(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.enabled:
             return self.engine(inputs)
+        with _LAUNCH_LOCK:
+            return self._launch(inputs)
+
+    def _launch(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         key = self.key(inputs)
         if key in self.failures:
             return self.engine(inputs)
