@@ -31,6 +31,7 @@ def test_controlnet_bench_smoke_writes_json_and_chart(tiny_root, tmp_path):
         assert set(report["speedup_vs_sequential"]["measured"][n]) == {"overlap", "async"}
         assert report["ideal_speedup"][n]["overlap"] >= 1.0 and report["ideal_speedup"][n]["async"] >= 1.0
     assert 0 < report["bls_transfer"]["echo_round_trip_s"]["median"] < 10
+    assert report["graphs_in_process_1_thread_s"]["t_enc_cn_pair"] > 0 and report["ideal_overlap_1cn_side_by_side"] > 0
     assert report["batching"]["batched_model_calls"] > 0 and report["batching"]["verdict"]
     assert set(report["cfg_parallel_in_process"]["median_step_s"]) == {"0cn_batched", "0cn_parallel", "1cn_batched",
                                                                         "1cn_parallel"}
