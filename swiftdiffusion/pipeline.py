@@ -225,8 +225,9 @@ class Pipeline:
         shared_unet = self.cfg_model is None and any(
             isinstance(engine, GraphedEngine) and engine.enabled for engine in self.engines.values())
         if shared_unet or (isinstance(catalog, GraphedControlNetCatalog) and torch.device(catalog.device).type == "cuda"):
-            raise RequestError("cfg_parallel", "not available with CUDA-graph engines (the branches would share "
-                                               "their static buffers)")
+            raise RequestError("cfg_parallel", "not available here: the branches would share CUDA graphs' static "
+                                               "buffers (a UNet copy for the second branch, cfg_device, allows it "
+                                               "with a ControlNet model of its own)")
 
     def _start_loras(self, request: GenerationRequest, exact_lora_step: int | None, timings: LoraTimings):
         """(pending load or None, step the LoRAs were applied at: 0 when already in place, else -1)."""

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from conftest import control_image, make_pipeline, max_diff
+from swiftdiffusion.cuda_graphs import GraphedEngine
 from swiftdiffusion.models import load_model
-from swiftdiffusion.request import ControlNetUse, GenerationRequest, LoraUse
+from swiftdiffusion.request import ControlNetUse, GenerationRequest, LoraUse, RequestError
 
 LATENT_TOLERANCE = 1e-5  # relative to the largest latent magnitude
 TOLERANCE = 1  # of 255
@@ -96,6 +97,21 @@ def test_the_copy_gets_the_loras_and_equals_the_batched_path(two_copies, pipelin
     pristine = dict(load_model(tiny_root / "model", parts=("unet",)).engines["unet"].module.named_parameters())
     copy = unet_params(two_copies, copy=True)
     assert all(torch.equal(copy[name], weight) for name, weight in pristine.items())
+
+
+def test_shared_cuda_graphs_refuse_the_option(tiny_root, two_copies):
+    """Graphs replay from static buffers, which two concurrent branches on one set of graphs would share; with a
+    UNet copy each branch has graphs of its own. (CPU stand-in: graphed engines marked as replaying.)"""
+    shared = make_pipeline(tiny_root)
+    shared.engines = {**shared.engines, "unet": GraphedEngine(shared.engines["unet"])}
+    shared.engines["unet"].enabled = True
+    with pytest.raises(RequestError) as raised:
+        asyncio.run(shared.denoise(request(0, cfg_parallel=True)))
+    assert raised.value.field == "cfg_parallel" and "static buffers" in str(raised.value)
+    copied = make_pipeline(tiny_root, cfg_model=two_copies.cfg_model)
+    copied.engines = {**copied.engines, "unet": GraphedEngine(copied.engines["unet"])}
+    copied.engines["unet"].enabled = True
+    copied._check_parallel()  # allowed (running it would need CUDA)
 
 
 def test_unguided_request_ignores_the_option(pipeline):
