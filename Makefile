@@ -37,7 +37,7 @@ export: setup
 	$(PY) export/export_onnx.py --size tiny --out artifacts/tiny
 
 bench: setup
-	$(PY) perf/bench.py --out perf/results
+	$(PY) perf/bench.py --out perf/results/bench
 
 clean:
 	rm -rf models artifacts
