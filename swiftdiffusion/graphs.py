@@ -39,6 +39,12 @@ def skip_names(count: int) -> tuple[str, ...]:
     return tuple(f"down_{i}" for i in range(count))
 
 
+def residual_names(decoder: GraphSpec) -> tuple[str, ...]:
+    """The decoder inputs a ControlNet adds to, in order: the skips and the mid output (between `emb` and
+    `encoder_hidden_states`); also a ControlNet's outputs."""
+    return decoder.inputs[1:-1]
+
+
 def graph_specs(unet_config) -> dict[str, GraphSpec]:
     """The I/O names of every graph of a model, keyed by graph name."""
     skips = skip_names(skip_count(unet_config))

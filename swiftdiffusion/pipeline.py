@@ -38,6 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .controlnets import ControlNetRunner
 from .cuda_graphs import GraphedControlNetCatalog, GraphedEngine
+from .graphs import residual_names
 from .lora_store import LoraSet, LoraStore, lora_key
 from .models import LoadedModel
 from .request import GenerationRequest, Limits, RequestError, validate
@@ -166,7 +167,8 @@ class Pipeline:
         branch_models = ((self.cfg_model or model), model) if parallel else (model,)
         controls = [(c.name, self._control_image(c.image, guided and not parallel), c.scale)
                     for c in request.controlnets]
-        branches = [_Branch(self, branch, controls, request.controlnet_mode, request.steps) for branch in branch_models]
+        branches = [_Branch(self.controlnets, branch, controls, request.controlnet_mode, request.steps)
+                    for branch in branch_models]
         timesteps = scheduler.timesteps
         engine_timesteps = timesteps.to(model.device, torch.float32).reshape(-1, 1)
 
@@ -197,21 +199,6 @@ class Pipeline:
             if on_step is not None:
                 on_step(index + 1, len(timesteps), time.perf_counter() - begin)
         return DenoiseResult(latents, lora_step, wait_s, timings)
-
-    def _submit(self, inputs: dict, controls: list) -> list:
-        """Starts every ControlNet of the request on this step's inputs."""
-        return [(self.controlnets.submit(name, {**inputs, "controlnet_cond": image}), scale)
-                for name, image, scale in controls]
-
-    async def _summed(self, submitted: list, device: torch.device) -> list[torch.Tensor]:
-        """Awaits submitted ControlNets; their residuals scaled and summed in request order, as MultiControlNet."""
-        names = self.engines["unet_decoder"].spec.inputs[1:-1]  # skips and mid, in order
-        total = None
-        for future, scale in submitted:
-            residuals = await future
-            scaled = torch._foreach_mul([residuals[name].to(device) for name in names], scale)
-            total = scaled if total is None else torch._foreach_add(total, scaled)
-        return total
 
     @functools.cached_property
     def _cfg_workers(self) -> tuple[_Worker, _Worker]:
@@ -306,30 +293,46 @@ class _Branch:
     another device: ControlNets take the step's inputs where the pipeline has them, the UNet on its own device.
     """
 
-    def __init__(self, pipeline: Pipeline, model: LoadedModel, controls: list, mode: str, steps: int):
-        self.pipeline = pipeline
+    def __init__(self, controlnets: ControlNetRunner | None, model: LoadedModel, controls: list, mode: str,
+                 steps: int):
+        self.controlnets = controlnets
         self.engines = model.engines
         self.device = model.device
+        self.residual_names = residual_names(self.engines["unet_decoder"].spec)
         self.controls = controls
         self.mode = mode
         self.last = steps - 1
         self.held = self.waiting = None  # async mode: residuals in use, work submitted one step ago
 
     async def noise(self, inputs: dict, index: int) -> torch.Tensor:
-        pipeline, controls, device = self.pipeline, self.controls, self.device
         submitted = summed = None
-        if controls and self.mode == "overlap":
-            submitted = pipeline._submit(inputs, controls)  # awaited once the encoder is launched
-        elif controls and self.mode == "sequential":
-            summed = await pipeline._summed(pipeline._submit(inputs, controls), device)
-        elif controls:  # async: step t uses the residuals of step t-1's latent (step 0 its own)
+        if self.controls and self.mode == "overlap":
+            submitted = self._submit(inputs)  # awaited once the encoder is launched
+        elif self.controls and self.mode == "sequential":
+            summed = await self._summed(self._submit(inputs))
+        elif self.controls:  # async: step t uses the residuals of step t-1's latent (step 0 its own)
             if index == 0:
-                self.held = await pipeline._summed(pipeline._submit(inputs, controls), device)
+                self.held = await self._summed(self._submit(inputs))
             elif self.waiting is not None:
-                self.held = await pipeline._summed(self.waiting, device)
-            self.waiting = pipeline._submit(inputs, controls) if 0 < index < self.last else None
+                self.held = await self._summed(self.waiting)
+            self.waiting = self._submit(inputs) if 0 < index < self.last else None
             summed = self.held
-        return await self._unet_step({name: tensor.to(device) for name, tensor in inputs.items()}, submitted, summed)
+        unet_inputs = {name: tensor.to(self.device) for name, tensor in inputs.items()}
+        return await self._unet_step(unet_inputs, submitted, summed)
+
+    def _submit(self, inputs: dict) -> list:
+        """Starts every ControlNet of the request on this step's inputs."""
+        return [(self.controlnets.submit(name, {**inputs, "controlnet_cond": image}), scale)
+                for name, image, scale in self.controls]
+
+    async def _summed(self, submitted: list) -> list[torch.Tensor]:
+        """Awaits submitted ControlNets; their residuals scaled and summed in request order, as MultiControlNet."""
+        total = None
+        for future, scale in submitted:
+            residuals = await future
+            scaled = torch._foreach_mul([residuals[name].to(self.device) for name in self.residual_names], scale)
+            total = scaled if total is None else torch._foreach_add(total, scaled)
+        return total
 
     async def _unet_step(self, inputs: dict, submitted: list | None, summed: list | None) -> torch.Tensor:
         """Noise prediction: the full UNet without ControlNets; else encoder, residuals added, decoder.
@@ -341,8 +344,8 @@ class _Branch:
             return self.engines["unet"](inputs)["noise_pred"]
         hidden = self.engines["unet_encoder"](inputs)
         if summed is None:
-            summed = await self.pipeline._summed(submitted, self.device)
-        names = self.engines["unet_decoder"].spec.inputs[1:-1]
+            summed = await self._summed(submitted)
+        names = self.residual_names
         decoder_inputs = dict(zip(names, torch._foreach_add([hidden[name] for name in names], summed)))
         decoder_inputs["emb"] = hidden["emb"]
         decoder_inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"]

@@ -26,6 +26,7 @@ from ..catalog import resolve
 from ..controlnets import ControlNetCatalog
 from ..lora_store import LoraStore
 from ..cuda_graphs import GraphedControlNetCatalog, graph_engines
+from ..graphs import residual_names
 from ..models import LoadedModel, load_model
 from ..pipeline import Pipeline, to_uint8, uses_guidance
 from ..request import Limits, RequestError
@@ -235,9 +236,9 @@ class DenoiserModel(ModelBase):
 
     def setup(self) -> None:
         model = self.load(self.parts)
-        controlnet_outputs = model.engines["unet_decoder"].spec.inputs[1:-1]
         controlnets = BlsControlNets(self.pb, self.params.get("controlnet_model", "controlnet"),
-                                     self.params["controlnet_catalog"], controlnet_outputs, self.device)
+                                     self.params["controlnet_catalog"],
+                                     residual_names(model.engines["unet_decoder"].spec), self.device)
         loras = LoraStore(self.params["lora_catalog"], model.weight_shapes, self.device, self.dtype)
         # `cfg_parallel` requests run their unconditional branch on a UNet copy there (e.g. a second GPU).
         cfg_device = self.params.get("cfg_device")
