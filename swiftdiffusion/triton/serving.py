@@ -28,7 +28,7 @@ from ..lora_store import LoraStore
 from ..cuda_graphs import GraphedControlNetCatalog, graph_engines
 from ..graphs import residual_names
 from ..models import LoadedModel, load_model
-from ..pipeline import Pipeline, to_uint8, uses_guidance
+from ..pipeline import DenoiseResult, Pipeline, to_uint8, uses_guidance
 from ..request import Limits, RequestError
 from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, REQUEST_INPUTS, request_from_tensors
 from .metrics import LoraMetrics
@@ -37,6 +37,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 # ---- shared plumbing ------------------------------------------------------------------------------------------
+def pb_tensor(pb, name: str, value: np.ndarray | torch.Tensor):
+    """A Python-backend tensor of `value`, through host memory (see README: GPU BLS)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return pb.Tensor(name, np.ascontiguousarray(value))
+
+
 class ModelBase:
     """What every model reads from its config: parameters, device, dtype, thread budget."""
 
@@ -77,9 +84,10 @@ class ModelBase:
                                                                    self.pb.TritonError.INTERNAL))
 
     def tensor(self, name: str, value: np.ndarray | torch.Tensor):
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
-        return self.pb.Tensor(name, np.ascontiguousarray(value))
+        return pb_tensor(self.pb, name, value)
+
+    def lora_step_tensor(self, result: DenoiseResult):
+        return self.tensor(LORA_STEP_OUTPUT.name, np.array([[result.lora_step]], np.int32))
 
     def load(self, parts: tuple[str, ...], device: torch.device | None = None) -> LoadedModel:
         """The model's engines for these parts, on this instance's device unless told; on a GPU as CUDA graphs
@@ -197,8 +205,7 @@ class BlsControlNets:
 
     def submit(self, name: str, inputs: Mapping[str, torch.Tensor]):
         tensors = [self.pb.Tensor("controlnet_name", np.array([name.encode()], dtype=np.object_))]
-        tensors += [self.pb.Tensor(n, np.ascontiguousarray(inputs[n].detach().cpu().numpy()))
-                    for n in CONTROLNET_INPUTS]
+        tensors += [pb_tensor(self.pb, n, inputs[n]) for n in CONTROLNET_INPUTS]
         future = self.pb.InferenceRequest(model_name=self.model_name, inputs=tensors,
                                           requested_output_names=list(self.output_names)).async_exec()
         return self._collect(name, future, self.reloads)
@@ -264,9 +271,7 @@ class DenoiserModel(ModelBase):
                 embeddings = embeddings[1:]
             result = await self.pipeline.denoise(generation, embeddings)
             self.metrics.record(generation, result)
-            return self.pb.InferenceResponse([self.tensor("latents", result.latents),
-                                              self.tensor(LORA_STEP_OUTPUT.name, np.array([[result.lora_step]],
-                                                                                          np.int32))])
+            return self.pb.InferenceResponse([self.tensor("latents", result.latents), self.lora_step_tensor(result)])
         except Exception as error:
             return self.error(error)
 
@@ -301,8 +306,7 @@ class StreamModel(DenoiserModel):
                 self.metrics.record(generation, result)
                 image = self.pipeline.decode(result.latents)[None]
                 final = self.pb.InferenceResponse([self.tensor(IMAGE_OUTPUT.name, image),
-                                                   self.tensor(LORA_STEP_OUTPUT.name,
-                                                               np.array([[result.lora_step]], np.int32))])
+                                                   self.lora_step_tensor(result)])
             except Exception as error:
                 final = self.error(error)
             sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
