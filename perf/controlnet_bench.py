@@ -58,7 +58,7 @@ from swiftdiffusion.models import load_model
 from swiftdiffusion.pipeline import Pipeline
 from swiftdiffusion.request import ControlNetUse, GenerationRequest
 from swiftdiffusion.serve import SHM_ARGS
-from swiftdiffusion.tiny import SIZES, build_controlnet, ensure_model
+from swiftdiffusion.tiny import SIZES, build_controlnet, control_image, ensure_model
 from swiftdiffusion.triton.launcher import TritonServer, free_ports
 from swiftdiffusion.triton.repository import Deployment, write_repository
 
@@ -321,7 +321,7 @@ def cfg_parallel_in_process(root: Path, resolution: int, steps: int, rounds: int
             for parallel in (False, True):
                 request = GenerationRequest("a lighthouse at dusk", seed=2, steps=steps, height=resolution,
                                             width=resolution, cfg_parallel=parallel,
-                                            controlnets=tuple(ControlNetUse(name, _control(resolution, 1))
+                                            controlnets=tuple(ControlNetUse(name, control_image(1, resolution))
                                                               for name in CONTROLNETS[:count]))
                 elapsed: list[float] = []
                 pipeline.generate(request, on_step=lambda step, total, seconds: elapsed.append(seconds))
@@ -343,7 +343,7 @@ def async_image_effect(roots: dict[str, Path], resolution: int, steps: int) -> d
         plain = pipeline.generate(base).image
         for count in range(1, len(CONTROLNETS) + 1):
             controlled = dataclasses.replace(base, controlnets=tuple(
-                ControlNetUse(name, _control(side, i), 1.0) for i, name in enumerate(CONTROLNETS[:count])))
+                ControlNetUse(name, control_image(i, side), 1.0) for i, name in enumerate(CONTROLNETS[:count])))
             synchronous = pipeline.generate(controlled).image
             asynchronous = pipeline.generate(dataclasses.replace(controlled, controlnet_mode="async")).image
             effect[f"{size}_{count}cn"] = {"resolution": side, "steps": steps,
@@ -355,11 +355,6 @@ def async_image_effect(roots: dict[str, Path], resolution: int, steps: int) -> d
 def _difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
     return {"max_abs": int(diff.max()), "mean_abs": float(diff.mean())}
-
-
-def _control(resolution: int, seed: int) -> np.ndarray:
-    blocks = np.random.default_rng(seed).integers(0, 256, (resolution // 8, resolution // 8, 3), dtype=np.uint8)
-    return np.ascontiguousarray(blocks.repeat(8, axis=0).repeat(8, axis=1))
 
 
 def chart(report: dict, path: Path) -> None:
@@ -423,7 +418,7 @@ def main() -> None:
         base = GenerationRequest("a lighthouse at dusk", negative_prompt="blurry", seed=1, steps=args.steps,
                                  height=args.resolution, width=args.resolution)
         cases = {f"{n}_{mode}": dataclasses.replace(base, controlnet_mode=mode, controlnets=tuple(
-            ControlNetUse(name, _control(args.resolution, i), 1.0) for i, name in enumerate(CONTROLNETS[:n])))
+            ControlNetUse(name, control_image(i, args.resolution), 1.0) for i, name in enumerate(CONTROLNETS[:n])))
             for n in range(len(CONTROLNETS) + 1) for mode in (MODES if n else MODES[:1])}
         for request in cases.values():
             stream(client, dataclasses.replace(request, steps=2))  # warm-up: ControlNets loaded, first calls done

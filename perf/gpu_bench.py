@@ -277,17 +277,12 @@ def mb(value: int) -> float:
 
 
 # ---- requests --------------------------------------------------------------------------------------------------
-def control_image(seed: int, size: int) -> np.ndarray:
-    blocks = np.random.default_rng(seed).integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
-    return np.ascontiguousarray(blocks.repeat(8, axis=0).repeat(8, axis=1))
-
-
 def make_request(settings: Settings, controls: int, loras: int, mode: str = "sync",
                  steps: int | None = None) -> GenerationRequest:
     return GenerationRequest(
         prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps or settings.steps, guidance_scale=7.5,
         height=settings.size, width=settings.size, scheduler="ddim", lora_mode=mode,
-        controlnets=tuple(ControlNetUse(name, control_image(i, settings.size), scale)
+        controlnets=tuple(ControlNetUse(name, tiny.control_image(i, settings.size), scale)
                           for i, (name, scale) in enumerate(CONTROLS[:controls])),
         loras=tuple(LoraUse(name, scale) for name, scale in LORAS[:loras]))
 

@@ -13,17 +13,11 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
-
 from swiftdiffusion.request import ControlNetUse, GenerationRequest, LoraUse
+from swiftdiffusion.tiny import control_image
 from swiftdiffusion.triton.perf_analyzer import input_data, run_perf_analyzer
 
 HERE = Path(__file__).resolve().parent
-
-
-def control_image(seed: int, size: int) -> np.ndarray:
-    blocks = np.random.default_rng(seed).integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
-    return np.ascontiguousarray(blocks.repeat(8, axis=0).repeat(8, axis=1))
 
 
 def workloads(size: int, steps: int) -> dict[str, list[GenerationRequest]]:

@@ -18,6 +18,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
@@ -136,6 +137,14 @@ def build_controlnet(unet: UNet2DConditionModel, size: ModelSize) -> ControlNetM
             conv.weight.normal_(0.0, 0.3 / conv.weight.shape[1] ** 0.5)
             conv.bias.normal_(0.0, 0.05)
     return controlnet
+
+
+def control_image(seed: int, height: int, width: int | None = None) -> np.ndarray:
+    """A control image for the built-in ControlNets (tests, demos, benchmarks): blocky random pixels with a coarse
+    edge map's statistics (edges at 8-pixel blocks), reproducible from `seed`; square unless `width` is given."""
+    width = height if width is None else width
+    blocks = np.random.default_rng(seed).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return np.ascontiguousarray(blocks.repeat(8, axis=0).repeat(8, axis=1))
 
 
 def lora_targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> dict[str, tuple[int, int]]:

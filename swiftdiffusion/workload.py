@@ -30,6 +30,7 @@ import tritonclient.grpc as grpcclient
 from .client import infer_inputs
 from .request import ControlNetUse, GenerationRequest, LoraUse
 from .schema import tensors_from_request
+from .tiny import control_image
 
 STATS_PATH = Path(__file__).resolve().parent / "data" / "trace_stats.json"
 PROMPTS = ("a lighthouse at dusk", "a portrait of a woman in a red coat", "a cat on a windowsill",
@@ -137,12 +138,6 @@ def read_trace(path: Path) -> list[TraceEntry]:
 
 
 # ---- requests -------------------------------------------------------------------------------------------------
-def control_image(seed: int, size: int) -> np.ndarray:
-    """A blocky random control image (a coarse edge map's statistics), reproducible from the entry's seed."""
-    blocks = np.random.default_rng(seed).integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
-    return np.ascontiguousarray(blocks.repeat(8, axis=0).repeat(8, axis=1))
-
-
 def to_request(entry: TraceEntry) -> GenerationRequest:
     """The entry as a request: default (`bounded`) LoRA mode; the baseline ignores the mode."""
     return GenerationRequest(

@@ -9,6 +9,7 @@ from swiftdiffusion.controlnets import ControlNetCatalog, LocalControlNets
 from swiftdiffusion.lora_store import LoraStore
 from swiftdiffusion.models import load_model
 from swiftdiffusion.pipeline import Pipeline
+from swiftdiffusion import tiny
 from swiftdiffusion.tiny import build_model
 
 
@@ -29,10 +30,8 @@ def pipeline(tiny_root) -> Pipeline:
 
 
 def control_image(seed: int, height: int = 64, width: int = 64) -> np.ndarray:
-    """A blocky random control image (edges at 8-pixel blocks, like a coarse edge map)."""
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
-    return np.ascontiguousarray(blocks.repeat(8, axis=0).repeat(8, axis=1))
+    """The built-in control image at the tests' default size."""
+    return tiny.control_image(seed, height, width)
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> int:
