@@ -52,6 +52,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from diffusers import UNet2DConditionModel
 
+from measuring import image_difference, seconds
 from swiftdiffusion.client import Client, Generated, Progress, infer_inputs
 from swiftdiffusion.controlnets import ControlNetCatalog, LocalControlNets
 from swiftdiffusion.models import load_model
@@ -192,11 +193,6 @@ def side_by_side(encoder, controlnet, repeats: int) -> dict[str, float]:
     """The UNet encoder and one ControlNet call started together on two threads (one torch thread each), as the
     overlap runs them: median seconds of each and of the pair. Slower than alone where the two cores share
     something (memory bandwidth, caches, a hypervisor's scheduling)."""
-    def seconds(call) -> float:
-        began = time.perf_counter()
-        call()
-        return time.perf_counter() - began
-
     samples = []
     with concurrent.futures.ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         for _ in range(repeats + 1):
@@ -347,14 +343,9 @@ def async_image_effect(roots: dict[str, Path], resolution: int, steps: int) -> d
             synchronous = pipeline.generate(controlled).image
             asynchronous = pipeline.generate(dataclasses.replace(controlled, controlnet_mode="async")).image
             effect[f"{size}_{count}cn"] = {"resolution": side, "steps": steps,
-                                           "async_vs_sync": _difference(asynchronous, synchronous),
-                                           "sync_vs_no_controlnet": _difference(synchronous, plain)}
+                                           "async_vs_sync": image_difference(asynchronous, synchronous),
+                                           "sync_vs_no_controlnet": image_difference(synchronous, plain)}
     return effect
-
-
-def _difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    return {"max_abs": int(diff.max()), "mean_abs": float(diff.mean())}
 
 
 def chart(report: dict, path: Path) -> None:

@@ -50,6 +50,7 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel  #
 from PIL import Image  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
+from measuring import evict, image_difference  # noqa: E402
 from swiftdiffusion import tiny  # noqa: E402
 from swiftdiffusion.controlnets import ControlNetCatalog, LocalControlNets  # noqa: E402
 from swiftdiffusion.cuda_graphs import GraphedControlNetCatalog, GraphedEngine, graph_engines  # noqa: E402
@@ -123,16 +124,6 @@ def build_sd15(out: Path, device: str) -> Path:
     (model_dir / "model_index.json").write_text(json.dumps(tiny.MODEL_INDEX))
     marker.write_text(json.dumps({"size": "sd15", "seed": 0}))
     return out
-
-
-def evict(path: Path) -> None:
-    """Drops the file's pages from the page cache (written back first: dirty pages would stay)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -291,11 +282,6 @@ def image_stats(image: np.ndarray) -> dict:
     return {"mean": float(image.mean()), "std": float(image.std())}
 
 
-def image_diff(a: np.ndarray, b: np.ndarray) -> dict:
-    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    return {"max_abs": int(diff.max()), "mean_abs": float(diff.mean())}
-
-
 def within_tolerance(diff: dict) -> bool:
     return diff["max_abs"] <= TOLERANCE["max_abs"] and diff["mean_abs"] <= TOLERANCE["mean_abs"]
 
@@ -450,7 +436,7 @@ def device_checks(eager: Ours, replay: Ours, root: Path, settings: Settings) -> 
             request = dataclasses.replace(request, loras=uses)
             reference = eager.run(request, exact_lora_step)["image"]
             replayed = replay.run(request, exact_lora_step)["image"]
-        diff = image_diff(replayed, reference)
+        diff = image_difference(replayed, reference)
         checks[label] = {**diff, "pass": within_tolerance(diff)}
         say(f"check {label}: {checks[label]}")
         return replayed
@@ -459,9 +445,9 @@ def device_checks(eager: Ours, replay: Ours, root: Path, settings: Settings) -> 
     patched = compare("1C/1L sync", make_request(settings, 1, 1, "sync", steps))
     compare("0C/1L sync", make_request(settings, 0, 1, "sync", steps))
     compare("1C/1L patched between replays", make_request(settings, 1, 1, "bounded", steps), steps // 2)
-    checks["lora_changes_image"] = image_diff(patched, first)
+    checks["lora_changes_image"] = image_difference(patched, first)
     again = replay.run(plain)["image"]
-    diff = image_diff(again, first)
+    diff = image_difference(again, first)
     checks["after_restore"] = {**diff, "pass": within_tolerance(diff), "identical": bool(np.array_equal(again, first))}
     checks["restored_weights_identical"] = all(torch.equal(p, w0[i][name]) for i, w in enumerate(weights)
                                                for name, p in w.params.items())
@@ -529,7 +515,7 @@ def run_case(case: str, diffusers_: Diffusers, ours: dict[str, Ours], root: Path
             entry.setdefault("ratios_latency", {})[name] = (entry["diffusers"]["median_latency_s"]
                                                             / entry[name]["median_latency_s"])
         if "diffusers" in images and name in images and name.endswith(("sync", "eager", "graphed", "compiled")):
-            entry[name]["vs_diffusers"] = image_diff(images[name], images["diffusers"])
+            entry[name]["vs_diffusers"] = image_difference(images[name], images["diffusers"])
         save()
 
 
@@ -602,10 +588,10 @@ def cfg_parallel_probe(root: Path, ours: dict[str, Ours], settings: Settings) ->
         if loras:
             main, twin = (dict(m.engines["unet"].engine.module.named_parameters()) for m in (model, copy))
             entry["copy_weights_equal_main"] = all(torch.equal(twin[n], w) for n, w in main.items())
-        diff = image_diff(images[case, "parallel"], images[case, "batched"])
+        diff = image_difference(images[case, "parallel"], images[case, "batched"])
         entry["parallel_vs_batched"] = {**diff, "pass": within_tolerance(diff)}
         say(f"cfg_parallel {case}: {entry}")
-    result["lora_changes_image"] = image_diff(images["0C/1L", "parallel"], images["0C/0L", "parallel"])
+    result["lora_changes_image"] = image_difference(images["0C/1L", "parallel"], images["0C/0L", "parallel"])
     pipeline.generate(make_request(settings, 0, 0, steps=1))  # both copies restored
     result["all_pass"] = (all(result[c]["parallel_vs_batched"]["pass"] for c in ("0C/0L", "0C/1L"))
                           and result["0C/1L"]["copy_weights_equal_main"]

@@ -31,6 +31,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
+from measuring import evict, seconds
 from swiftdiffusion.lora_store import LoraStore
 from swiftdiffusion.models import load_components, torch_engines
 from swiftdiffusion.pipeline import SCHEDULERS, Pipeline
@@ -74,17 +75,6 @@ def write_catalog(folder: Path, components, count: int, rank: int) -> list[str]:
         names.append(f"bench_{index:03d}")
         save_file(tensors, folder / f"{names[-1]}.safetensors")
     return names
-
-
-def evict(path: Path) -> None:
-    with open(path, "rb") as file:
-        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def timed(call) -> float:
-    began = time.perf_counter()
-    call()
-    return time.perf_counter() - began
 
 
 def diffusers_request(pipe, request: GenerationRequest, lora_file: Path | None) -> None:
@@ -131,7 +121,7 @@ def main() -> None:
     base = GenerationRequest("a castle in the clouds", negative_prompt="blurry", seed=1, steps=args.steps,
                              height=args.resolution, width=args.resolution)
     pipeline.generate(base)  # warm-up
-    no_lora = statistics.median(timed(lambda: pipeline.generate(base)) for _ in range(2))
+    no_lora = statistics.median(seconds(lambda: pipeline.generate(base)) for _ in range(2))
     file_bytes = (catalog / "bench_000.safetensors").stat().st_size
     rate = args.rate * 1e6 if args.rate else file_bytes / (args.fetch_share * no_lora)
     ThrottledHandler.rate = rate
@@ -163,7 +153,7 @@ def main() -> None:
     samples: dict[str, list[float]] = {case: [] for case in cases}
     for round_index in range(args.rounds):
         for case, run in cases.items():
-            samples[case].append(timed(run))
+            samples[case].append(seconds(run))
         print(f"round {round_index + 1}/{args.rounds}:", {k: round(v[-1], 3) for k, v in samples.items()}, flush=True)
     httpd.shutdown()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from measuring import seconds
 from swiftdiffusion.client import Client
 from swiftdiffusion.controlnets import ControlNetCatalog, LocalControlNets
 from swiftdiffusion.lora_store import LoraStore
@@ -76,7 +77,7 @@ def main() -> None:
         served = {}
         for name, request in requests.items():
             client.generate(request)  # warm-up: first BLS calls grow the shared-memory pool
-            served[name] = statistics.median(_timed(lambda: client.generate(request)) for _ in range(args.requests))
+            served[name] = statistics.median(seconds(lambda: client.generate(request)) for _ in range(args.requests))
         client.close()
     model = load_model(root / "model")
     pipeline = Pipeline(model, LocalControlNets(ControlNetCatalog(root / "controlnets")),
@@ -84,18 +85,12 @@ def main() -> None:
     local = {}
     for name, request in requests.items():
         pipeline.generate(request)
-        local[name] = statistics.median(_timed(lambda: pipeline.generate(request)) for _ in range(args.requests))
+        local[name] = statistics.median(seconds(lambda: pipeline.generate(request)) for _ in range(args.requests))
     report["latency_s"] = {name: {"triton": served[name], "in_process": local[name],
                                   "triton_minus_in_process": served[name] - local[name]} for name in requests}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-
-
-def _timed(call) -> float:
-    began = time.perf_counter()
-    call()
-    return time.perf_counter() - began
 
 
 if __name__ == "__main__":
