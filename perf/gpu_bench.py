@@ -217,20 +217,6 @@ class TimedControlNets(LocalControlNets):
         return future
 
 
-class TimedLoraStore(LoraStore):
-    """Records how long each LoRA set took to read and decode (in the background in bounded mode)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.load_s: list[float] = []
-
-    def load(self, uses):
-        begin = time.perf_counter()
-        result = super().load(uses)
-        self.load_s.append(time.perf_counter() - begin)
-        return result
-
-
 def time_module(module: torch.nn.Module, name: str, timings: Timings) -> None:
     starts = []
     module.register_forward_pre_hook(lambda _module, _args: starts.append(timings.start()))
@@ -356,7 +342,7 @@ class Ours:
     """swiftdiffusion's pipeline over one set of engines (eager or graphed), timed per graph."""
 
     pipeline: Pipeline
-    store: TimedLoraStore
+    store: LoraStore
     timings: Timings
     model: LoadedModel
     catalog: ControlNetCatalog
@@ -369,19 +355,18 @@ class Ours:
         residuals."""
         timings = Timings(settings.cuda)
         timed = dataclasses.replace(model, engines={n: TimedEngine(e, n, timings) for n, e in model.engines.items()})
-        store = TimedLoraStore(root / "loras", model.weight_shapes, model.device, model.dtype)
+        store = LoraStore(root / "loras", model.weight_shapes, model.device, model.dtype)
         return cls(Pipeline(timed, TimedControlNets(catalog, timings, overlap), store), store, timings, model,
                    catalog, controlnet_mode)
 
     def run(self, request: GenerationRequest, exact_lora_step: int | None = None) -> dict:
         request = dataclasses.replace(request, controlnet_mode=self.controlnet_mode)
         stamps: list[float] = []
-        self.store.load_s.clear()
         begin = time.perf_counter()
         result = self.pipeline.generate(request, lambda _done, _total, seconds: stamps.append(seconds),
                                         exact_lora_step)
         seconds = time.perf_counter() - begin
-        return {"seconds": seconds, "latency_s": seconds, "lora_load_s": sum(self.store.load_s),
+        return {"seconds": seconds, "latency_s": seconds, "lora_load_s": result.timings.load_s,
                 "lora_step": result.lora_step, "lora_wait_s": result.lora_wait_s,
                 "step_wall_ms": step_wall_ms(stamps), "image": result.image}
 

@@ -85,6 +85,7 @@ class GenerationResult:
     image: np.ndarray  # uint8 [height, width, 3]
     lora_step: int = -1
     lora_wait_s: float = 0.0
+    timings: LoraTimings = dataclasses.field(default_factory=LoraTimings)
 
 
 class Pipeline:
@@ -277,7 +278,7 @@ class Pipeline:
                              exact_lora_step: int | None = None) -> GenerationResult:
         self.check(request)
         result = await self.denoise(request, None, on_step, exact_lora_step)
-        return GenerationResult(self.decode(result.latents), result.lora_step, result.lora_wait_s)
+        return GenerationResult(self.decode(result.latents), result.lora_step, result.lora_wait_s, result.timings)
 
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None,
                  exact_lora_step: int | None = None) -> GenerationResult:
