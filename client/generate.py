@@ -15,7 +15,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from swiftdiffusion.client import Client, Progress
-from swiftdiffusion.request import SCHEDULER_NAMES, ControlNetUse, GenerationRequest, LoraUse
+from swiftdiffusion.request import LORA_MODES, SCHEDULER_NAMES, ControlNetUse, GenerationRequest, LoraUse
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="512x512", help="WIDTHxHEIGHT")
     p.add_argument("--scheduler", default="ddim", choices=SCHEDULER_NAMES)
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]")
-    p.add_argument("--lora-mode", default="bounded", choices=("bounded", "sync"))
+    p.add_argument("--lora-mode", default=LORA_MODES[0], choices=LORA_MODES)
     p.add_argument("--controlnet", action="append", default=[], metavar="NAME:IMAGE[:SCALE]")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--stream", action="store_true", help="stream progress (a bar on stderr)")

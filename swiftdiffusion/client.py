@@ -37,6 +37,11 @@ class Generated:
     lora_step: int
 
 
+def lora_step_of(result) -> int:
+    """The `lora_step` output of an inference result."""
+    return int(result.as_numpy("lora_step").reshape(-1)[0])
+
+
 def infer_inputs(tensors: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
     inputs = []
     for name, array in tensors.items():
@@ -58,7 +63,7 @@ class Client:
                                  outputs=[grpcclient.InferRequestedOutput("image"),
                                           grpcclient.InferRequestedOutput("lora_step")],
                                  client_timeout=self.timeout_s)
-        return Generated(result.as_numpy("image")[0], int(result.as_numpy("lora_step").reshape(-1)[0]))
+        return Generated(result.as_numpy("image")[0], lora_step_of(result))
 
     def stream(self, request: GenerationRequest) -> Iterator[Progress | Generated]:
         """Yields a Progress per step, then the Generated image; raises InferenceServerException on error."""
@@ -74,7 +79,7 @@ class Client:
                     raise error
                 final = result.get_response().parameters.get("triton_final_response")
                 if result.as_numpy("image") is not None:
-                    yield Generated(result.as_numpy("image")[0], int(result.as_numpy("lora_step").reshape(-1)[0]))
+                    yield Generated(result.as_numpy("image")[0], lora_step_of(result))
                 elif result.as_numpy("step") is not None:
                     yield Progress(int(result.as_numpy("step").reshape(-1)[0]),
                                    int(result.as_numpy("total_steps").reshape(-1)[0]),

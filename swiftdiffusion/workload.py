@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from .client import infer_inputs
+from .client import infer_inputs, lora_step_of
 from .request import ControlNetUse, GenerationRequest, LoraUse
 from .schema import tensors_from_request
 from .tiny import control_image
@@ -166,7 +166,7 @@ def _outcome(index: int, began: float, result, error) -> Outcome:
     latency = time.perf_counter() - began
     if error is not None:
         return Outcome(index, latency, False, error=str(error)[:300])
-    return Outcome(index, latency, True, int(result.as_numpy("lora_step").reshape(-1)[0]))
+    return Outcome(index, latency, True, lora_step_of(result))
 
 
 def run_open_loop(url: str, model: str, entries: Sequence[TraceEntry],
