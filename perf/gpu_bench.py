@@ -47,12 +47,12 @@ import transformers  # noqa: E402
 from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline,  # noqa: E402
                        StableDiffusionPipeline, UNet2DConditionModel)
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel  # noqa: E402
-from PIL import Image  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from measuring import evict, image_difference  # noqa: E402
 from swiftdiffusion import tiny  # noqa: E402
 from swiftdiffusion.controlnets import ControlNetCatalog, LocalControlNets  # noqa: E402
+from swiftdiffusion.diffusers_baseline import call_kwargs, fused_loras, to_uint8  # noqa: E402
 from swiftdiffusion.cuda_graphs import GraphedControlNetCatalog, GraphedEngine, graph_engines  # noqa: E402
 from swiftdiffusion.lora_store import LoraStore  # noqa: E402
 from swiftdiffusion.models import LoadedModel, load_components, torch_engines  # noqa: E402
@@ -305,36 +305,22 @@ class Diffusers:
         return pipe
 
     def run(self, pipe, request: GenerationRequest) -> dict:
-        kwargs = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, height=request.height,
-                      width=request.width, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
-                      generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np")
-        if request.controlnets:
-            kwargs.update(image=[Image.fromarray(c.image) for c in request.controlnets],
-                          controlnet_conditioning_scale=[c.scale for c in request.controlnets])
         stamps: list[float] = []
 
         def on_step(_pipe, _index, _t, callback_kwargs):
             stamps.append(time.perf_counter())
             return callback_kwargs
 
-        names = [lora.name for lora in request.loras]
         begin = time.perf_counter()
-        for lora in request.loras:
-            pipe.load_lora_weights(str(self.root / "loras" / f"{lora.name}.safetensors"), adapter_name=lora.name)
-        if names:
-            pipe.set_adapters(names, adapter_weights=[lora.scale for lora in request.loras])
-            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
-        loaded = time.perf_counter()
-        image = pipe(**kwargs, callback_on_step_end=on_step).images[0]
-        done = time.perf_counter()
-        if names:
-            pipe.unfuse_lora()
-            pipe.unload_lora_weights()
+        with fused_loras(pipe, [str(self.root / "loras" / f"{lora.name}.safetensors") for lora in request.loras],
+                         [lora.scale for lora in request.loras]):
+            loaded = time.perf_counter()
+            image = pipe(**call_kwargs(request), callback_on_step_end=on_step).images[0]
+            done = time.perf_counter()
         end = time.perf_counter()
         return {"seconds": end - begin, "latency_s": done - begin, "lora_load_s": loaded - begin,
                 "lora_unload_s": end - done, "step_wall_ms": step_wall_ms(stamps),
-                "finite": bool(np.isfinite(image).all()),
-                "image": (np.nan_to_num(image) * 255).round().astype(np.uint8)}
+                "finite": bool(np.isfinite(image).all()), "image": to_uint8(np.nan_to_num(image))}
 
 
 @dataclasses.dataclass

@@ -32,6 +32,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from measuring import evict, seconds
+from swiftdiffusion.diffusers_baseline import call_kwargs, fused_loras
 from swiftdiffusion.lora_store import LoraStore
 from swiftdiffusion.models import load_components, torch_engines
 from swiftdiffusion.pipeline import SCHEDULERS, Pipeline
@@ -78,18 +79,9 @@ def write_catalog(folder: Path, components, count: int, rank: int) -> list[str]:
 
 
 def diffusers_request(pipe, request: GenerationRequest, lora_file: Path | None) -> None:
-    if lora_file is not None:
-        pipe.load_lora_weights(str(lora_file), adapter_name="request")
-        pipe.set_adapters(["request"], adapter_weights=[request.loras[0].scale])
-        pipe.fuse_lora(adapter_names=["request"], lora_scale=1.0)
-    try:
-        pipe(prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
-             height=request.height, width=request.width, guidance_scale=request.guidance_scale,
-             generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np")
-    finally:
-        if lora_file is not None:
-            pipe.unfuse_lora()
-            pipe.unload_lora_weights()
+    sources = [] if lora_file is None else [str(lora_file)]
+    with fused_loras(pipe, sources, [lora.scale for lora in request.loras][:len(sources)]):
+        pipe(**call_kwargs(request))
 
 
 def main() -> None:

@@ -6,12 +6,11 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline)
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-from PIL import Image
 
 from conftest import control_image, max_diff
+from swiftdiffusion.diffusers_baseline import call_kwargs, fused_loras, to_uint8
 from swiftdiffusion.models import load_components
 from swiftdiffusion.pipeline import SCHEDULERS
 from swiftdiffusion.request import ControlNetUse, GenerationRequest, LoraUse
@@ -32,29 +31,15 @@ def reference(tiny_root):
 def diffusers_image(reference, request: GenerationRequest) -> np.ndarray:
     root, components, controlnets, common = reference
     scheduler = SCHEDULERS[request.scheduler].from_config(components.scheduler_config)
-    kwargs = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, height=request.height,
-                  width=request.width, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
-                  generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np")
     if request.controlnets:
         multi = MultiControlNetModel([controlnets[c.name] for c in request.controlnets])
         pipe = StableDiffusionControlNetPipeline(controlnet=multi, scheduler=scheduler, **common)
-        kwargs.update(image=[Image.fromarray(c.image) for c in request.controlnets],
-                      controlnet_conditioning_scale=[c.scale for c in request.controlnets])
     else:
         pipe = StableDiffusionPipeline(scheduler=scheduler, **common)
-    names = [lora.name for lora in request.loras]
-    for name in names:
-        pipe.load_lora_weights(str(root / "loras" / f"{name}.safetensors"), adapter_name=name)
-    try:
-        if names:
-            pipe.set_adapters(names, adapter_weights=[lora.scale for lora in request.loras])
-            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
-        image = pipe(**kwargs).images[0]
-    finally:
-        if names:
-            pipe.unfuse_lora()
-            pipe.unload_lora_weights()
-    return (image * 255).round().astype(np.uint8)
+    with fused_loras(pipe, [str(root / "loras" / f"{lora.name}.safetensors") for lora in request.loras],
+                     [lora.scale for lora in request.loras]):
+        image = pipe(**call_kwargs(request)).images[0]
+    return to_uint8(image)
 
 
 def request(**kwargs) -> GenerationRequest:

@@ -21,11 +21,11 @@ import torch
 from diffusers import ControlNetModel, PNDMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.utils import logging as diffusers_logging
-from PIL import Image
 from safetensors.torch import load as load_safetensors
 from transformers.utils import logging as transformers_logging
 
 from ..catalog import resolve
+from ..diffusers_baseline import call_kwargs, fused_loras, to_uint8
 from ..lora_store import LoraStore
 from ..models import load_components
 from ..pipeline import SCHEDULERS
@@ -94,35 +94,21 @@ class BaselineDiffusersModel(ModelBase):
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
         """uint8 [height, width, 3], as diffusers' own `numpy_to_pil` rounds it."""
-        kwargs = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, height=request.height,
-                      width=request.width, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
-                      generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np")
         if request.controlnets:
             pipe = self.control_pipe
             pipe.controlnet = MultiControlNetModel([self.controlnet(c.name) for c in request.controlnets])
-            kwargs.update(image=[Image.fromarray(c.image) for c in request.controlnets],
-                          controlnet_conditioning_scale=[c.scale for c in request.controlnets])
         else:
             pipe = self.pipe
         pipe.scheduler = SCHEDULERS[request.scheduler].from_config(self.scheduler_config)
-        adapters = [f"lora{i}" for i in range(len(request.loras))]  # catalog names may hold '.', adapters may not
-        spent = 0.0
-        try:
-            begin = time.perf_counter()
-            for adapter, lora in zip(adapters, request.loras):
-                pipe.load_lora_weights(self._lora_state(lora.name), adapter_name=adapter)
-            if adapters:
-                pipe.set_adapters(adapters, adapter_weights=[lora.scale for lora in request.loras])
-                pipe.fuse_lora(adapter_names=adapters, lora_scale=1.0)
-            spent += time.perf_counter() - begin
-            image = pipe(**kwargs).images[0]
-        finally:
-            if adapters:
-                begin = time.perf_counter()
-                pipe.unfuse_lora()
-                pipe.unload_lora_weights()
-                self.lora_seconds.observe(spent + time.perf_counter() - begin)
-        return (image * 255).round().astype(np.uint8)
+        begin = time.perf_counter()
+        with fused_loras(pipe, [self._lora_state(lora.name) for lora in request.loras],
+                         [lora.scale for lora in request.loras]):
+            loaded = time.perf_counter()
+            image = pipe(**call_kwargs(request)).images[0]
+            done = time.perf_counter()
+        if request.loras:
+            self.lora_seconds.observe(loaded - begin + time.perf_counter() - done)
+        return to_uint8(image)
 
     def _lora_state(self, name: str) -> dict[str, torch.Tensor]:
         try:
