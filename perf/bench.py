@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
 from swiftdiffusion.serve import SHM_ARGS
-from swiftdiffusion.tiny import (LORA_FORMATS, SIZES, TEXT_LORA_SUFFIXES, UNET_LORA_SUFFIXES, build_controlnet,
+from swiftdiffusion.tiny import (LORA_FORMATS, SIZES, TEXT_LORA_SUFFIXES, UNET_LORA_SUFFIXES, add_controlnets,
                                  ensure_model, lora_state_dict, lora_targets, random_lora_factors)
 from swiftdiffusion.triton.launcher import TritonServer, free_ports
 from swiftdiffusion.triton.repository import Deployment, write_repository
@@ -62,14 +62,11 @@ def prepare(root: Path, size: str, lora_count: int, seed: int = 0) -> tuple[Path
     plus the model's three named ones."""
     ensure_model(root, size, seed)
     model, controlnets, loras = root / "model", root / "controlnets", root / "lora_catalog"
-    unet = UNet2DConditionModel.from_pretrained(model / "unet")
-    for index, name in enumerate(EXTRA_CONTROLNETS):
-        if not (controlnets / name / "config.json").is_file():
-            torch.manual_seed(seed + 100 + index)
-            build_controlnet(unet, SIZES[size]).save_pretrained(controlnets / name)
+    add_controlnets(root, EXTRA_CONTROLNETS, size, seed)
     if len(list(loras.glob("lora_*.safetensors"))) != lora_count:
-        write_lora_catalog(loras, unet, CLIPTextModel.from_pretrained(model / "text_encoder"),
-                           SIZES[size].lora_rank, lora_count, seed)
+        write_lora_catalog(loras, UNet2DConditionModel.from_pretrained(model / "unet"),
+                           CLIPTextModel.from_pretrained(model / "text_encoder"), SIZES[size].lora_rank, lora_count,
+                           seed)
     for builtin in (root / "loras").glob("*.safetensors"):  # the names perf/inputs (perf_analyzer) ask for
         shutil.copy(builtin, loras / builtin.name)
     return model, controlnets, loras

@@ -50,7 +50,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
-from diffusers import UNet2DConditionModel
 
 from measuring import image_difference, seconds
 from swiftdiffusion.client import Client, Generated, Progress, infer_inputs
@@ -59,7 +58,7 @@ from swiftdiffusion.models import load_model
 from swiftdiffusion.pipeline import Pipeline
 from swiftdiffusion.request import ControlNetUse, GenerationRequest
 from swiftdiffusion.serve import SHM_ARGS
-from swiftdiffusion.tiny import SIZES, build_controlnet, control_image, ensure_model
+from swiftdiffusion.tiny import SIZES, add_controlnets, control_image, ensure_model
 from swiftdiffusion.triton.launcher import TritonServer, free_ports
 from swiftdiffusion.triton.repository import Deployment, write_repository
 
@@ -138,10 +137,7 @@ class TritonPythonModel(ControlNetServiceModel):
 def prepare(root: Path, size: str) -> Path:
     """The model and its ControlNet catalog with a third ControlNet (built once, as perf/bench.py builds it)."""
     ensure_model(root, size)
-    if not (root / "controlnets" / CONTROLNETS[2] / "config.json").is_file():
-        torch.manual_seed(100)
-        build_controlnet(UNet2DConditionModel.from_pretrained(root / "model" / "unet"), SIZES[size]).save_pretrained(
-            root / "controlnets" / CONTROLNETS[2])
+    add_controlnets(root, CONTROLNETS[2:], size)
     return root
 
 

@@ -264,6 +264,19 @@ def ensure_model(out: Path, size_name: str = "tiny", seed: int = 0) -> Path:
     return build_model(out, size_name, seed)
 
 
+def add_controlnets(root: Path, names: tuple[str, ...], size_name: str = "tiny", seed: int = 0) -> None:
+    """More random ControlNets in a built model's catalog (`root/controlnets/<name>`), each built once, the i-th
+    from seed `seed + 100 + i`."""
+    unet = None
+    for index, name in enumerate(names):
+        folder = Path(root) / "controlnets" / name
+        if not (folder / "config.json").is_file():
+            if unet is None:
+                unet = UNet2DConditionModel.from_pretrained(Path(root) / "model" / "unet")
+            torch.manual_seed(seed + 100 + index)
+            build_controlnet(unet, SIZES[size_name]).save_pretrained(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
