@@ -62,7 +62,8 @@ class LoraStore:
             return file.read()
 
     def load(self, uses: Sequence[LoraUse]) -> LoraSet:
-        """Reads and decodes the LoRAs and sums them into patches; RequestError for any bad file."""
+        """Reads and decodes the LoRAs and sums them into patches; RequestError for any bad file (unreadable,
+        not for this model, non-finite or absurd values), raised before any weight is written."""
         begin = time.perf_counter()
         decoded, bytes_read = [], 0
         for use in uses:
@@ -72,13 +73,12 @@ class LoraStore:
                 decoded.append((decode_lora(use.name, data, self.weight_shapes), use.scale))
             except (LoraFormatError, FileNotFoundError) as error:
                 raise RequestError("lora_names", str(error)) from error
-        return LoraSet(
-            key=lora_key(uses),
-            unet=build_patch("unet", decoded, self.device, self.dtype),
-            text_encoder=build_patch("text_encoder", decoded, self.device, self.dtype),
-            bytes_read=bytes_read,
-            load_s=time.perf_counter() - begin,
-        )
+        try:
+            patches = {component: build_patch(component, decoded, self.device, self.dtype)
+                       for component in ("unet", "text_encoder")}
+        except LoraFormatError as error:
+            raise RequestError("lora_names", str(error)) from error
+        return LoraSet(key=lora_key(uses), **patches, bytes_read=bytes_read, load_s=time.perf_counter() - begin)
 
     def load_async(self, uses: Sequence[LoraUse]) -> concurrent.futures.Future[LoraSet]:
         """Checks the names now and loads in the background."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -41,7 +42,7 @@ from .cuda_graphs import GraphedControlNetCatalog, GraphedEngine
 from .graphs import residual_names
 from .lora_store import LoraSet, LoraStore, lora_key
 from .models import LoadedModel
-from .request import GenerationRequest, Limits, RequestError, validate
+from .request import GenerationRequest, Limits, RequestError, RequestStopped, StopCondition, stop_condition, validate
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -133,12 +134,18 @@ class Pipeline:
 
     # ---- denoising -----------------------------------------------------------------------------------------
     async def denoise(self, request: GenerationRequest, embeddings: torch.Tensor | None = None,
-                      on_step: StepCallback | None = None, exact_lora_step: int | None = None) -> DenoiseResult:
+                      on_step: StepCallback | None = None, exact_lora_step: int | None = None,
+                      stop: StopCondition | None = None) -> DenoiseResult:
         """Runs the scheduler loop. `embeddings` come from an outside text encoder (None: encode here).
 
-        `exact_lora_step` patches the LoRAs exactly before that step (reference runs for tests).
+        `exact_lora_step` patches the LoRAs exactly before that step (reference runs for tests). `stop` is checked
+        before the request starts and at every step boundary (default: the request's own time budget); when it
+        fires, RequestStopped is raised with no further engine work, ControlNet calls still in flight collected,
+        and the weights as consistent as after any request (patched with `applied_key`'s set, or pristine).
         """
         begin = time.perf_counter()
+        stop = stop or stop_condition(request, self.limits)
+        stop.check(0, request.steps)
         model = self.model
         guided = uses_guidance(request)
         parallel = guided and request.cfg_parallel
@@ -174,6 +181,11 @@ class Pipeline:
         engine_timesteps = timesteps.to(model.device, torch.float32).reshape(-1, 1)
 
         for index, t in enumerate(timesteps):
+            try:
+                stop.check(index, len(timesteps))
+            except RequestStopped:
+                await self._drain(branches, parallel)
+                raise
             if lora_job is not None and (index >= deadline or (exact_lora_step is None and lora_job.done())):
                 waited = time.perf_counter()
                 lora_set = await asyncio.wrap_future(lora_job)
@@ -200,6 +212,13 @@ class Pipeline:
             if on_step is not None:
                 on_step(index + 1, len(timesteps), time.perf_counter() - begin)
         return DenoiseResult(latents, lora_step, wait_s, timings)
+
+    async def _drain(self, branches: list[_Branch], parallel: bool) -> None:
+        """Collects the ControlNet calls a stopped request still has in flight (each on its branch's loop)."""
+        if parallel:
+            await asyncio.gather(*(worker.run(branch.drain()) for worker, branch in zip(self._cfg_workers, branches)))
+        else:
+            await branches[0].drain()
 
     @functools.cached_property
     def _cfg_workers(self) -> tuple[_Worker, _Worker]:
@@ -320,6 +339,14 @@ class _Branch:
             summed = self.held
         unet_inputs = {name: tensor.to(self.device) for name, tensor in inputs.items()}
         return await self._unet_step(unet_inputs, submitted, summed)
+
+    async def drain(self) -> None:
+        """Awaits and drops the residuals submitted for a step that will not run (asynchronous mode submits one
+        step ahead; the other modes await every call within its step)."""
+        waiting, self.waiting = self.waiting or [], None
+        for future, _ in waiting:
+            with contextlib.suppress(Exception):
+                await future
 
     def _submit(self, inputs: dict) -> list:
         """Starts every ControlNet of the request on this step's inputs."""

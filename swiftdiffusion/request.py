@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
+from typing import Callable
 
 import numpy as np
 
@@ -39,6 +41,10 @@ class Limits:
     max_addon_scale: float = 4.0
     max_loras: int = 4
     max_controlnets: int = 4
+    # The server's time budget per request (seconds from its arrival; 0: none); a request's `timeout_s` can only
+    # shorten it.
+    max_request_seconds: float = 0.0
+    max_timeout_s: float = 86_400.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +79,67 @@ class GenerationRequest:
     # Classifier-free guidance's two branches as two concurrent batch-1 passes (threads; CUDA streams on a GPU)
     # instead of one batch of two: equal within fp tolerance, faster where one pass leaves the device idle.
     cfg_parallel: bool = False
+    # Seconds the client will wait (its deadline): the server stops the request once they are up, counted from
+    # its arrival. Triton 2.51 does not pass an ensemble request's cancellation on to its steps, so this field is
+    # what frees the server from a request whose client gave up (the client library sends its deadline here).
+    timeout_s: float | None = None
+
+
+class RequestStopped(Exception):
+    """The request was stopped before it finished: its client went away, or its time budget ran out.
+
+    `field` names what stopped it (`timeout_s`, `max_request_seconds`, or `cancelled` for a client that cancelled);
+    the Triton adapters answer CANCELLED with this message.
+    """
+
+    def __init__(self, field: str, message: str, steps_done: int):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.steps_done = steps_done
+
+
+STOP_REASONS = ("timeout_s", "max_request_seconds", "cancelled")
+# How often a running request asks whether its client cancelled it: one IPC round trip to the Triton core (70 us
+# on these CPUs), so a loop of 10 ms GPU steps pays at most 0.7% and still notices within one or two steps.
+CANCEL_POLL_S = 0.01
+
+
+@dataclasses.dataclass
+class StopCondition:
+    """When a running request must stop: a deadline (monotonic seconds) and/or a cancellation probe."""
+
+    deadline: float | None = None
+    budget_field: str = "timeout_s"
+    budget_s: float = 0.0
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    cancelled: Callable[[], bool] | None = None
+    _next_poll: float = 0.0
+
+    def check(self, steps_done: int, total_steps: int) -> None:
+        """Raises RequestStopped if the request must stop now; called at every step boundary."""
+        now = time.monotonic()
+        where = f"after {steps_done} of {total_steps} steps"
+        if self.deadline is not None and now >= self.deadline:
+            raise RequestStopped(self.budget_field, f"the request's time budget of {self.budget_s:g} s ran out "
+                                                    f"{where} ({now - self.started:.2f} s since it arrived)",
+                                 steps_done)
+        if self.cancelled is not None and now >= self._next_poll:
+            self._next_poll = now + CANCEL_POLL_S
+            if self.cancelled():
+                raise RequestStopped("cancelled", f"the client cancelled the request; stopped {where}", steps_done)
+
+
+def stop_condition(request: GenerationRequest, limits: Limits, arrived: float | None = None,
+                   cancelled: Callable[[], bool] | None = None) -> StopCondition:
+    """The request's stop condition: the tighter of its own `timeout_s` and the server's `max_request_seconds`,
+    counted from `arrived` (monotonic seconds; default now), and the client's cancellation if it can be probed."""
+    arrived = time.monotonic() if arrived is None else arrived
+    budgets = [(request.timeout_s, "timeout_s"), (limits.max_request_seconds or None, "max_request_seconds")]
+    budgets = [(seconds, field) for seconds, field in budgets if seconds]
+    if not budgets:
+        return StopCondition(started=arrived, cancelled=cancelled)
+    seconds, field = min(budgets)
+    return StopCondition(arrived + seconds, field, seconds, arrived, cancelled)
 
 
 def check_catalog_name(field: str, name: str) -> None:
@@ -103,6 +170,8 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
                                               f"one of {', '.join(CONTROLNET_MODES)}")
     if request.lora_deadline is not None:
         _check_range("lora_deadline", request.lora_deadline, 0, request.steps)
+    if request.timeout_s is not None:
+        _check_range("timeout_s", request.timeout_s, 1e-3, limits.max_timeout_s)
     _validate_addons(request, limits)
 
 

@@ -50,7 +50,10 @@ REQUEST_INPUTS = (
                                                           "(step t uses step t-1's residuals)"),
     TensorSpec("cfg_parallel", "TYPE_BOOL", (1,), doc="run the guidance branches concurrently as two batch-1 "
                                                       "passes (default false)"),
+    TensorSpec("timeout_s", "TYPE_FP32", (1,), doc="seconds the client will wait: the server stops the request "
+                                                   "then (default: the server's `max_request_seconds`)"),
 )
+REQUIRED_INPUTS = tuple(spec.name for spec in REQUEST_INPUTS if not spec.optional)
 IMAGE_OUTPUT = TensorSpec("image", "TYPE_UINT8", (-1, -1, 3), optional=False, doc="the image, HxWx3")
 LORA_STEP_OUTPUT = TensorSpec("lora_step", "TYPE_INT32", (1,), optional=False,
                               doc="step before which the LoRAs were patched in (-1: no LoRA)")
@@ -97,8 +100,16 @@ def _scales(inputs: dict[str, np.ndarray], name: str, count: int, list_field: st
     return scales
 
 
+def check_required(inputs: dict[str, np.ndarray], names: tuple[str, ...] = REQUIRED_INPUTS) -> None:
+    """RequestError naming the first of `names` (required inputs) that the request lacks."""
+    for name in names:
+        if name not in inputs:
+            raise RequestError(name, "required")
+
+
 def request_from_tensors(inputs: dict[str, np.ndarray]) -> GenerationRequest:
     """Builds a request from a Triton request's tensors (batch dimension 1, already removed or not)."""
+    check_required(inputs)
     lora_names = _strings(inputs, "lora_names")
     lora_scales = _scales(inputs, "lora_scales", len(lora_names), "lora_names")
     controlnet_names = _strings(inputs, "controlnet_names")
@@ -110,6 +121,7 @@ def request_from_tensors(inputs: dict[str, np.ndarray]) -> GenerationRequest:
         raise RequestError("controlnet_images", f"got shape {images.shape} for {len(controlnet_names)} ControlNets "
                                                 f"(expected [count, height, width, 3])")
     deadline = _scalar(inputs, "lora_deadline", None)
+    timeout = _scalar(inputs, "timeout_s", None)
     return GenerationRequest(
         prompt=_scalar(inputs, "prompt", ""),
         negative_prompt=_scalar(inputs, "negative_prompt", DEFAULTS.negative_prompt),
@@ -126,6 +138,7 @@ def request_from_tensors(inputs: dict[str, np.ndarray]) -> GenerationRequest:
         lora_deadline=None if deadline is None else int(deadline),
         controlnet_mode=_scalar(inputs, "controlnet_mode", DEFAULTS.controlnet_mode),
         cfg_parallel=bool(_scalar(inputs, "cfg_parallel", DEFAULTS.cfg_parallel)),
+        timeout_s=None if timeout is None else float(timeout),
     )
 
 
@@ -148,6 +161,8 @@ def tensors_from_request(request: GenerationRequest) -> dict[str, np.ndarray]:
         tensors["cfg_parallel"] = np.array([[True]], dtype=np.bool_)
     if request.lora_deadline is not None:
         tensors["lora_deadline"] = np.array([[request.lora_deadline]], dtype=np.int32)
+    if request.timeout_s is not None:
+        tensors["timeout_s"] = np.array([[request.timeout_s]], dtype=np.float32)
     if request.loras:
         tensors["lora_names"] = np.array([[lora.name.encode() for lora in request.loras]], dtype=np.object_)
         tensors["lora_scales"] = np.array([[lora.scale for lora in request.loras]], dtype=np.float32)

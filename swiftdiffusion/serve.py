@@ -36,7 +36,9 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
                       dtype=args.dtype, gpus=gpus, controlnet_instances=args.controlnet_instances,
                       torch_threads=args.torch_threads, compile=args.compile,
                       cfg_device=f"cuda:{args.cfg_gpu}" if args.cfg_gpu is not None else "",
-                      limits=Limits(max_steps=args.max_steps, max_size=args.max_size))
+                      max_queue=args.max_queue,
+                      limits=Limits(max_steps=args.max_steps, max_size=args.max_size,
+                                    max_request_seconds=args.max_request_seconds))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,6 +60,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=0, help="threads per model instance (0: torch's default)")
     p.add_argument("--max-steps", type=int, default=Limits.max_steps)
     p.add_argument("--max-size", type=int, default=Limits.max_size)
+    p.add_argument("--max-request-seconds", type=float, default=Limits.max_request_seconds,
+                   help="stop any request running longer than this since its arrival (0: no limit; a request's "
+                        "timeout_s can only shorten it)")
+    p.add_argument("--max-queue", type=int, default=Deployment.max_queue,
+                   help="requests that may wait per denoising model; beyond it UNAVAILABLE at once (0: unbounded)")
     p.add_argument("--repository", type=Path, default=PROJECT / "build" / "model_repository")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--ports", type=int, nargs=3, default=list(Ports()), metavar=("HTTP", "GRPC", "METRICS"))

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -109,12 +110,109 @@ def free_ports(n: int = 3) -> list[int]:
             s.close()
 
 
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local server: never via a proxy
+
+
 def _tail(path: Path | None, lines: int = 30) -> str:
     """The last lines of a log file, for error messages."""
     if path is None or not path.is_file():
         return "(server output went to the console)"
     with path.open(errors="replace") as f:
         return "".join(deque(f, maxlen=lines))
+
+
+STUB = b"triton_python_backend_stub"
+
+
+@dataclass(frozen=True)
+class Stub:
+    """One Python-backend stub process: a model instance (e.g. `denoiser_0_0`) of a model of the repository."""
+
+    pid: int
+    model: str
+    instance: str
+
+
+def python_stubs(server_pid: int) -> dict[str, Stub]:
+    """Instance name -> the live stub process serving it, among the server's children.
+
+    A stub is started as `triton_python_backend_stub <repository>/<model>/<version>/model.py ... <instance> ...`;
+    an exited one that the server has not reaped yet (a zombie) does not count.
+    """
+    stubs = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # exited while we looked
+        state, parent = stat.rsplit(")", 1)[1].split()[:2]
+        if int(parent) != server_pid or state == "Z" or not args[0].endswith(STUB):
+            continue
+        model = Path(args[1].decode()).parts[-3]
+        instance = next((a.decode() for a in args[2:] if a.decode().startswith(f"{model}_")), model)
+        stubs[instance] = Stub(int(pid), model, instance)
+    return stubs
+
+
+class StubSupervisor(threading.Thread):
+    """Reloads a model whose Python-backend stub died, since Triton 2.51 never restarts one itself.
+
+    A killed or out-of-memory stub leaves its instance in rotation, where it fails every request routed to it
+    ("Stub process '<instance>' is not healthy"), while the server and the model still answer ready. Every
+    `poll_s` this thread compares the server's live stubs with the ones it saw last; a model that lost one is
+    unloaded and loaded again (explicit model control). While it is unloaded `/v2/health/ready` answers 400, so a
+    load balancer or Kubernetes takes the server out of rotation, and requests fail at once with NOT_FOUND
+    ("... has no available versions") instead of meeting the dead process; an ensemble that uses the model comes
+    back with it (~12 s on 2 CPU cores for the tiny model). If a reload fails `max_failures` times in a row the
+    server is stopped, so that whatever supervises the process (Kubernetes) restarts it.
+    """
+
+    def __init__(self, server: TritonServer, poll_s: float = 1.0, max_failures: int = 3):
+        super().__init__(name="stub-supervisor", daemon=True)
+        self.server = server
+        self.poll_s = poll_s
+        self.max_failures = max_failures
+        self.reloads: list[tuple[float, str]] = []  # (time.monotonic() when done, model)
+        self.stopping = threading.Event()
+        self.known: dict[str, Stub] = {}
+
+    def run(self) -> None:
+        self.known = python_stubs(self.server.pid)
+        failures = 0
+        while not self.stopping.wait(self.poll_s):
+            live = python_stubs(self.server.pid)
+            lost = {stub.model for name, stub in self.known.items() if name not in live}
+            for model in sorted(lost):
+                if self.stopping.is_set():
+                    return
+                failures = 0 if self._reload(model) else failures + 1
+            if failures >= self.max_failures:
+                _say(f"reloading failed {failures} times: stopping the server")
+                self.server.process.send_signal(signal.SIGINT)
+                return
+            self.known = python_stubs(self.server.pid) if lost else live
+
+    def _reload(self, model: str) -> bool:
+        _say(f"a stub process of model {model!r} died; reloading the model")
+        begin = time.monotonic()
+        try:
+            self.server.load_model(model, unload_first=True)
+        except (OSError, urllib.error.URLError) as error:
+            _say(f"reloading model {model!r} failed: {error}")
+            return False
+        self.reloads.append((time.monotonic(), model))
+        _say(f"model {model!r} reloaded in {time.monotonic() - begin:.1f} s")
+        return True
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join()
+
+
+def _say(message: str) -> None:
+    print(f"swiftdiffusion: {message}", file=sys.stderr, flush=True)
 
 
 class TritonServer:
@@ -130,6 +228,13 @@ class TritonServer:
         self.host = "127.0.0.1"
         self.log_file: Path | None = None
         self._log: IO[bytes] | None = None
+        self.supervisor: StubSupervisor | None = None
+        self.model_control_mode = "explicit"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
 
     @property
     def http_url(self) -> str:
@@ -186,7 +291,7 @@ class TritonServer:
         """
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError(f"tritonserver already running (pid {self.process.pid})")
-        self.ports, self.host = Ports(*ports), host
+        self.ports, self.host, self.model_control_mode = Ports(*ports), host, model_control_mode
         self.log_file = Path(log_file) if log_file is not None else None
         self._log = self.log_file.open("wb") if self.log_file is not None else None
         cmd = self.command(Path(model_repository).resolve(), model_control_mode, extra_args)
@@ -199,25 +304,39 @@ class TritonServer:
             cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        """Poll ``/v2/health/ready`` until every model is loaded; raise at once, with the log's end, if it exits."""
+    def wait_ready(self, timeout: float = 300.0, supervise: bool = True) -> None:
+        """Poll ``/v2/health/ready`` until every model is loaded; raise at once, with the log's end, if it exits.
+
+        Then, with explicit model control, a StubSupervisor starts watching the model processes.
+        """
         if self.process is None:
             raise RuntimeError("tritonserver was not started")
-        url = f"http://{self.http_url}/v2/health/ready"
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local server: never via a proxy
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
                 raise RuntimeError(f"tritonserver exited with code {code} before it was ready:\n{_tail(self.log_file)}")
             try:
-                with opener.open(url, timeout=2) as response:
+                with _OPENER.open(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
                     if response.status == 200:
-                        return
+                        break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass  # not listening yet, or listening but models still loading (HTTP 400)
             time.sleep(0.2)
-        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{_tail(self.log_file)}")
+        else:
+            raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{_tail(self.log_file)}")
+        if supervise and self.model_control_mode == "explicit":
+            self.supervisor = StubSupervisor(self)
+            self.supervisor.start()
+
+    def load_model(self, model: str, timeout: float = 600.0, unload_first: bool = False) -> None:
+        """(Re)loads a model through the repository API, optionally unloading it first (the server is not ready
+        in between); raises urllib.error.HTTPError with the server's reason."""
+        for action in ("unload", "load") if unload_first else ("load",):
+            request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/{action}",
+                                             data=b"", method="POST")
+            with _OPENER.open(request, timeout=timeout):
+                pass
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """Shut down gracefully (SIGINT), escalating to SIGTERM then SIGKILL of the whole group; return the exit code.
@@ -228,6 +347,8 @@ class TritonServer:
         process = self.process
         if process is None:
             return None
+        if self.supervisor is not None:
+            self.supervisor.stop()  # shutting down ends every stub: nothing to reload
         for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 10.0)):
             if process.poll() is None:
                 process.send_signal(sig)
@@ -248,6 +369,13 @@ class TritonServer:
         self.stop()
 
 
+def _announce_ready(server: TritonServer) -> None:
+    """Waits for the server (starting its supervisor) and says where it listens."""
+    with contextlib.suppress(RuntimeError, TimeoutError):  # it exited first: its own output says why
+        server.wait_ready(timeout=float("inf"))
+        _say(f"ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}")
+
+
 def run_foreground(
     model_repository: str | Path,
     ports: Sequence[int] = Ports(),
@@ -266,6 +394,7 @@ def run_foreground(
         server.start(model_repository, ports, host, extra_args, None, model_control_mode)
         process = server.process
         assert process is not None
+        threading.Thread(target=_announce_ready, args=(server,), daemon=True).start()
         signals_seen = 0
 
         def forward(signum: int, frame: FrameType | None) -> None:

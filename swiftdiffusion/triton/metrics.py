@@ -1,11 +1,12 @@
-"""LoRA metrics on Triton's metrics endpoint (`pb_utils.MetricFamily`): what the bounded loading costs."""
+"""Metrics on Triton's metrics endpoint (`pb_utils.MetricFamily`): what the bounded LoRA loading costs, and the
+work done and stopped per request."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..pipeline import DenoiseResult
-from ..request import GenerationRequest
+from ..request import STOP_REASONS, GenerationRequest, RequestStopped
 
 SECONDS_BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 STEP_BUCKETS = [0, 1, 2, 3, 5, 10, 20, 50]
@@ -51,3 +52,26 @@ class LoraMetrics:
         self.load_s.observe(result.timings.load_s)
         self.patch_s.observe(result.timings.patch_s)
         self.bytes_read.increment(result.timings.bytes_read)
+
+
+class RequestMetrics:
+    """Work done per request, and requests stopped before their end (by what stopped them)."""
+
+    def __init__(self, pb: Any, model: str):
+        self.families = [
+            pb.MetricFamily(name="swiftdiffusion_denoise_steps_total", description="denoising steps run",
+                            kind=pb.MetricFamily.COUNTER),
+            pb.MetricFamily(name="swiftdiffusion_requests_stopped_total",
+                            description="requests stopped before their end: client cancelled, time budget out",
+                            kind=pb.MetricFamily.COUNTER),
+        ]
+        self.steps = self.families[0].Metric(labels={"model": model})
+        self.stopped = {reason: self.families[1].Metric(labels={"model": model, "reason": reason})
+                        for reason in STOP_REASONS}
+
+    def finished(self, steps: int) -> None:
+        self.steps.increment(steps)
+
+    def stopped_early(self, stopped: RequestStopped) -> None:
+        self.steps.increment(stopped.steps_done)
+        self.stopped[stopped.field].increment(1)

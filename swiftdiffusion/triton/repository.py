@@ -19,7 +19,11 @@ from transformers import CLIPTextConfig
 from ..graphs import skip_names, skip_count
 from ..request import Limits
 from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, PROGRESS_OUTPUTS, REQUEST_INPUTS, TensorSpec
+from .serving import ARRIVED_AT, PROMPT_INPUTS
 
+# What clients send, every input optional in the configs: Triton 2.51's ensemble answers a missing required input
+# with "unexpected deadlock ...", so the models check required fields themselves and name them ("prompt: required").
+CLIENT_INPUTS = [dataclasses.replace(spec, optional=True) for spec in REQUEST_INPUTS]
 SOURCE = Path(__file__).resolve().parents[2] / "model_repository"
 MODELS = ("text_encoder", "denoiser", "controlnet", "vae_decoder", "text_to_image", "text_to_image_stream",
           "baseline_diffusers")
@@ -46,6 +50,9 @@ class Deployment:
     # The diffusers baseline model, for benchmarks and tests: a second copy of the weights, so off by default.
     baseline: bool = False
     limits: Limits = Limits()
+    # Requests that may wait for each denoising model's instances; one more is refused at once with UNAVAILABLE
+    # ("Exceeds maximum queue size"), which clients retry with backoff. 0: unbounded.
+    max_queue: int = 8
 
 
 def _tensor(spec: TensorSpec, direction: str) -> str:
@@ -73,10 +80,15 @@ def _parameters(values: dict[str, object]) -> str:
     return rendered + "\n"
 
 
-def _python(name: str, max_batch_size: int, body: str, batching: bool = False, decoupled: bool = False) -> str:
+def _python(name: str, max_batch_size: int, body: str, batching: bool = False, decoupled: bool = False,
+            max_queue: int = 0) -> str:
+    """A Python-backend model's config; `batching` batches requests across clients, `max_queue` (> 0) bounds the
+    requests waiting for an instance (Triton applies queue policies only through a dynamic_batching block)."""
     text = f"name: \"{name}\"\nbackend: \"python\"\nmax_batch_size: {max_batch_size}\n"
     if batching:
         text += "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
+    elif max_queue > 0:
+        text += f"dynamic_batching {{ default_queue_policy {{ max_queue_size: {max_queue} }} }}\n"
     if decoupled:
         text += "model_transaction_policy { decoupled: true }\n"
     return text + body
@@ -97,9 +109,11 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
     catalogs = {"controlnet_catalog": deployment.controlnet_catalog.resolve(),
                 "lora_catalog": deployment.lora_catalog}
     embeddings = TensorSpec("text_embeddings", "TYPE_FP32", (2, 77, text_width), optional=False)
+    arrived = TensorSpec(ARRIVED_AT, "TYPE_FP64", (1,))
     latents = TensorSpec("latents", "TYPE_FP32", (latent_channels, -1, -1), optional=False)
-    prompt_inputs = [s for s in REQUEST_INPUTS if s.name in ("prompt", "negative_prompt")]
+    prompt_inputs = [s for s in CLIENT_INPUTS if s.name in PROMPT_INPUTS]
     limits = {"max_steps": deployment.limits.max_steps, "max_size": deployment.limits.max_size,
+              "max_request_seconds": deployment.limits.max_request_seconds,
               "lora_deadline_fraction": deployment.lora_deadline_fraction}
     controlnet_inputs = [
         TensorSpec("controlnet_name", "TYPE_STRING", (1,), optional=False),
@@ -112,7 +126,7 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
     denoiser_params = {**model, **catalogs, **limits, "controlnet_model": "controlnet",
                        "cfg_device": deployment.cfg_device}
     configs = {
-        "text_encoder": _python("text_encoder", 8, _io(prompt_inputs, [embeddings]) + _instances(
+        "text_encoder": _python("text_encoder", 8, _io(prompt_inputs, [embeddings, arrived]) + _instances(
             deployment, "text_encoder") + _parameters(model), batching=True),
         "vae_decoder": _python("vae_decoder", 4, _io([latents], [IMAGE_OUTPUT]) + _instances(
             deployment, "vae_decoder") + _parameters(model), batching=True),
@@ -120,19 +134,22 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
             deployment, "controlnet", deployment.controlnet_instances) + _parameters(
             {**common, "controlnet_catalog": catalogs["controlnet_catalog"],
              "resident_controlnets": deployment.resident_controlnets})),
-        "denoiser": _python("denoiser", 1, _io([*REQUEST_INPUTS, embeddings], [latents, LORA_STEP_OUTPUT])
-                            + _instances(deployment, "denoiser") + _parameters(denoiser_params)),
+        "denoiser": _python("denoiser", 1, _io([*CLIENT_INPUTS, embeddings, arrived], [latents, LORA_STEP_OUTPUT])
+                            + _instances(deployment, "denoiser") + _parameters(denoiser_params),
+                            max_queue=deployment.max_queue),
         "text_to_image_stream": _python(
-            "text_to_image_stream", 1, _io(list(REQUEST_INPUTS), [IMAGE_OUTPUT, LORA_STEP_OUTPUT, *PROGRESS_OUTPUTS])
-            + _instances(deployment, "denoiser") + _parameters(denoiser_params), decoupled=True),
+            "text_to_image_stream", 1, _io(CLIENT_INPUTS, [IMAGE_OUTPUT, LORA_STEP_OUTPUT, *PROGRESS_OUTPUTS])
+            + _instances(deployment, "denoiser") + _parameters(denoiser_params), decoupled=True,
+            max_queue=deployment.max_queue),
         "text_to_image": _ensemble(),
     }
     if deployment.baseline:
         # The benchmark's baseline (swiftdiffusion.triton.baseline): same schema, placed like the denoiser.
         configs["baseline_diffusers"] = _python(
-            "baseline_diffusers", 1, _io(list(REQUEST_INPUTS), [IMAGE_OUTPUT, LORA_STEP_OUTPUT])
+            "baseline_diffusers", 1, _io(CLIENT_INPUTS, [IMAGE_OUTPUT, LORA_STEP_OUTPUT])
             + _instances(deployment, "denoiser") + _parameters({**model, **catalogs, "max_steps": limits["max_steps"],
-                                                                "max_size": limits["max_size"]}))
+                                                                "max_size": limits["max_size"]}),
+            max_queue=deployment.max_queue)
     return configs
 
 
@@ -142,15 +159,17 @@ def _ensemble() -> str:
     denoiser_inputs = "\n".join(f"        input_map {{ key: \"{n}\" value: \"{n}\" }}" for n in names)
     return (
         "name: \"text_to_image\"\nplatform: \"ensemble\"\nmax_batch_size: 1\n"
-        + _io(list(REQUEST_INPUTS), [IMAGE_OUTPUT, LORA_STEP_OUTPUT])
+        + _io(CLIENT_INPUTS, [IMAGE_OUTPUT, LORA_STEP_OUTPUT])
         + "ensemble_scheduling {\n  step [\n"
         "    {\n      model_name: \"text_encoder\"\n      model_version: -1\n"
         "        input_map { key: \"prompt\" value: \"prompt\" }\n"
         "        input_map { key: \"negative_prompt\" value: \"negative_prompt\" }\n"
-        "        output_map { key: \"text_embeddings\" value: \"text_embeddings\" }\n    },\n"
+        "        output_map { key: \"text_embeddings\" value: \"text_embeddings\" }\n"
+        f"        output_map {{ key: \"{ARRIVED_AT}\" value: \"{ARRIVED_AT}\" }}\n    }},\n"
         "    {\n      model_name: \"denoiser\"\n      model_version: -1\n"
         f"{denoiser_inputs}\n"
         "        input_map { key: \"text_embeddings\" value: \"text_embeddings\" }\n"
+        f"        input_map {{ key: \"{ARRIVED_AT}\" value: \"{ARRIVED_AT}\" }}\n"
         "        output_map { key: \"latents\" value: \"latents\" }\n"
         "        output_map { key: \"lora_step\" value: \"lora_step\" }\n    },\n"
         "    {\n      model_name: \"vae_decoder\"\n      model_version: -1\n"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,9 +30,9 @@ from ..cuda_graphs import GraphedControlNetCatalog, graph_engines
 from ..graphs import residual_names
 from ..models import LoadedModel, load_model
 from ..pipeline import DenoiseResult, Pipeline, to_uint8, uses_guidance
-from ..request import Limits, RequestError
-from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, REQUEST_INPUTS, request_from_tensors
-from .metrics import LoraMetrics
+from ..request import Limits, RequestError, RequestStopped, stop_condition
+from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, REQUEST_INPUTS, check_required, request_from_tensors
+from .metrics import LoraMetrics, RequestMetrics
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -77,11 +78,14 @@ class ModelBase:
         return found
 
     def error(self, error: Exception):
-        """RequestError -> INVALID_ARG naming the field; anything else -> INTERNAL."""
+        """RequestError -> INVALID_ARG naming the field; RequestStopped -> CANCELLED naming what stopped it;
+        anything else -> INTERNAL."""
+        errors = self.pb.TritonError
         if isinstance(error, RequestError):
-            return self.pb.InferenceResponse(error=self.pb.TritonError(str(error), self.pb.TritonError.INVALID_ARG))
-        return self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(error).__name__}: {error}",
-                                                                   self.pb.TritonError.INTERNAL))
+            return self.pb.InferenceResponse(error=errors(str(error), errors.INVALID_ARG))
+        if isinstance(error, RequestStopped):
+            return self.pb.InferenceResponse(error=errors(str(error), errors.CANCELLED))
+        return self.pb.InferenceResponse(error=errors(f"{type(error).__name__}: {error}", errors.INTERNAL))
 
     def tensor(self, name: str, value: np.ndarray | torch.Tensor):
         return pb_tensor(self.pb, name, value)
@@ -100,27 +104,46 @@ class ModelBase:
 
     def limits(self) -> Limits:
         return Limits(max_steps=int(self.params.get("max_steps", Limits.max_steps)),
-                      max_size=int(self.params.get("max_size", Limits.max_size)))
+                      max_size=int(self.params.get("max_size", Limits.max_size)),
+                      max_request_seconds=float(self.params.get("max_request_seconds", Limits.max_request_seconds)))
 
 
 # ---- text encoder ---------------------------------------------------------------------------------------------
+PROMPT_INPUTS = ("prompt", "negative_prompt")
+# Outputs of the ensemble's first step besides the embeddings: when the request arrived (time.monotonic(), one
+# clock for every process of the host), from which the denoiser counts the request's time budget.
+ARRIVED_AT = "arrived_at"
+
+
 class TextEncoderModel(ModelBase):
-    """Prompt pairs of every request in the batch, encoded in one call: [batch, 2 (negative, positive), 77, D]."""
+    """Prompt pairs of every request in the batch, encoded in one call: [batch, 2 (negative, positive), 77, D].
+
+    As the ensemble's first step it also rejects a request without `prompt` (the ensemble itself would only
+    report a deadlock) and stamps its arrival time.
+    """
 
     def setup(self) -> None:
         self.model = self.load(("text_encoder",))
         self.pipeline = Pipeline(self.model)
 
     def execute(self, requests):
-        texts = []
-        for request in requests:
-            found = self.inputs(request, ("prompt", "negative_prompt"))
-            texts.append([_text(found.get("negative_prompt")), _text(found.get("prompt"))])
-        ids = self.pipeline.tokenize([text for pair in texts for text in pair])
-        embeddings = self.model.engines["text_encoder"]({"input_ids": ids})["text_embeddings"]
-        embeddings = embeddings.reshape(len(requests), 2, *embeddings.shape[1:])
-        return [self.pb.InferenceResponse([self.tensor("text_embeddings", embeddings[i:i + 1])])
-                for i in range(len(requests))]
+        arrived = np.array([[time.monotonic()]], np.float64)
+        texts, responses = [], [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                found = self.inputs(request, PROMPT_INPUTS)
+                check_required(found, ("prompt",))
+                texts.append((i, [_text(found.get("negative_prompt")), _text(found["prompt"])]))
+            except RequestError as error:
+                responses[i] = self.error(error)
+        if texts:
+            ids = self.pipeline.tokenize([text for _, pair in texts for text in pair])
+            embeddings = self.model.engines["text_encoder"]({"input_ids": ids})["text_embeddings"]
+            embeddings = embeddings.reshape(len(texts), 2, *embeddings.shape[1:])
+            for row, (i, _) in enumerate(texts):
+                responses[i] = self.pb.InferenceResponse([self.tensor("text_embeddings", embeddings[row:row + 1]),
+                                                          self.tensor(ARRIVED_AT, arrived)])
+        return responses
 
 
 def _text(value: np.ndarray | None) -> str:
@@ -175,20 +198,12 @@ class ControlNetServiceModel(ModelBase):
             return self.error(error)
 
 
-# The Python backend's error for a call routed to an instance whose stub process has died.
-DEAD_STUB = "is not healthy"
-
-
 class BlsControlNets:
     """The orchestrator's ControlNet runner: asynchronous BLS calls to the ControlNet model.
 
     `submit` sends the request at once (`async_exec` does, a coroutine would not until awaited), so the
-    ControlNet instances compute while the caller runs the UNet encoder.
-
-    A dead instance: Triton 2.51 never restarts a Python stub that died (killed, out of memory) and keeps its
-    instance in rotation, where it fails every call it gets. The first call that meets it reloads the ControlNet
-    model (fresh stubs; needs explicit model control, which the launcher uses) before its request fails, so the
-    request after it is served. Calls sent before that reload fail without reloading again.
+    ControlNet instances compute while the caller runs the UNet encoder. A failed call fails its request with the
+    ControlNet's name; a dead ControlNet process is the launcher's StubSupervisor's to replace.
     """
 
     def __init__(self, pb, model_name: str, catalog_root: str, output_names: tuple[str, ...], device: torch.device):
@@ -197,8 +212,6 @@ class BlsControlNets:
         self.catalog_root = Path(catalog_root)
         self.output_names = output_names
         self.device = device
-        self.reloads = 0  # reloads of the ControlNet model done by this process
-        self.reload_lock = threading.Lock()  # CFG-parallel branches call from threads of their own
 
     def check(self, name: str) -> None:
         resolve(self.catalog_root, name, "", "controlnet_names")
@@ -208,28 +221,14 @@ class BlsControlNets:
         tensors += [pb_tensor(self.pb, n, inputs[n]) for n in CONTROLNET_INPUTS]
         future = self.pb.InferenceRequest(model_name=self.model_name, inputs=tensors,
                                           requested_output_names=list(self.output_names)).async_exec()
-        return self._collect(name, future, self.reloads)
+        return self._collect(name, future)
 
-    async def _collect(self, name: str, future, reloads_at_send: int) -> dict[str, torch.Tensor]:
+    async def _collect(self, name: str, future) -> dict[str, torch.Tensor]:
         response = await future
         if response.has_error():
-            message = response.error().message()
-            if DEAD_STUB in message:
-                message += self._reload(reloads_at_send)
-            raise RuntimeError(f"ControlNet {name!r} failed: {message}")
+            raise RuntimeError(f"ControlNet {name!r} failed: {response.error().message()}")
         return {n: torch.from_numpy(self.pb.get_output_tensor_by_name(response, n).as_numpy()).to(self.device)
                 for n in self.output_names}
-
-    def _reload(self, reloads_at_send: int) -> str:
-        """Reloads the ControlNet model unless that happened since the failed call was sent; what to tell."""
-        with self.reload_lock:
-            if self.reloads == reloads_at_send:
-                try:
-                    self.pb.load_model(model_name=self.model_name)
-                except Exception as error:  # e.g. a server without explicit model control
-                    return f"; reloading model {self.model_name!r} failed: {error}"
-                self.reloads += 1
-        return f"; model {self.model_name!r} was reloaded, a new request will be served"
 
 
 # ---- denoiser (the orchestrator) ------------------------------------------------------------------------------
@@ -253,6 +252,7 @@ class DenoiserModel(ModelBase):
         self.pipeline = Pipeline(model, controlnets, loras, self.limits(),
                                  float(self.params.get("lora_deadline_fraction", "0.2")), cfg_model)
         self.metrics = LoraMetrics(self.pb, self.config["name"])
+        self.request_metrics = RequestMetrics(self.pb, self.config["name"])
 
     async def execute(self, requests):
         return [await self._run(request) for request in requests]
@@ -262,22 +262,43 @@ class DenoiserModel(ModelBase):
         self.pipeline.check(generation)
         return generation
 
+    async def denoise(self, generation, embeddings, stop, on_step=None) -> DenoiseResult:
+        """The pipeline's loop, with the request's metrics recorded however it ends."""
+        try:
+            result = await self.pipeline.denoise(generation, embeddings, on_step, stop=stop)
+        except RequestStopped as stopped:
+            self.request_metrics.stopped_early(stopped)
+            raise
+        self.metrics.record(generation, result)
+        self.request_metrics.finished(generation.steps)
+        return result
+
     async def _run(self, request):
         try:
             generation = self.parse(request)
+            # Triton 2.51 does not pass an ensemble request's cancellation on to this step: `is_cancelled` is
+            # true only for a request sent to this model directly. The time budget counts from the arrival the
+            # text encoder stamped, so a request whose client gave up while it queued here stops at once.
+            arrived = self.pb.get_input_tensor_by_name(request, ARRIVED_AT)
+            stop = stop_condition(generation, self.pipeline.limits,
+                                  None if arrived is None else float(arrived.as_numpy().reshape(-1)[0]),
+                                  request.is_cancelled)
             embeddings = torch.from_numpy(self.pb.get_input_tensor_by_name(request, "text_embeddings").as_numpy()[0])
             embeddings = embeddings.to(self.device, self.dtype)
             if not uses_guidance(generation):
                 embeddings = embeddings[1:]
-            result = await self.pipeline.denoise(generation, embeddings)
-            self.metrics.record(generation, result)
+            result = await self.denoise(generation, embeddings, stop)
             return self.pb.InferenceResponse([self.tensor("latents", result.latents), self.lora_step_tensor(result)])
         except Exception as error:
             return self.error(error)
 
 
 class StreamModel(DenoiserModel):
-    """Decoupled: one response per step (step, total_steps, elapsed_s), then one with the image."""
+    """Decoupled: one response per step (step, total_steps, elapsed_s), then one with the image.
+
+    A closed stream (or a client's cancel) marks the request cancelled; the loop asks `is_cancelled` at every
+    step boundary and stops there, before the next UNet, ControlNet or VAE call.
+    """
 
     parts = ("text_encoder", "unet", "vae")
 
@@ -302,8 +323,9 @@ class StreamModel(DenoiserModel):
                         self.tensor("total_steps", np.array([[total]], np.int32)),
                         self.tensor("elapsed_s", np.array([[elapsed]], np.float32))]))
 
-                result = await self.pipeline.denoise(generation, None, progress)
-                self.metrics.record(generation, result)
+                stop = stop_condition(generation, self.pipeline.limits, cancelled=sender.is_cancelled)
+                result = await self.denoise(generation, None, stop, progress)
+                stop.check(generation.steps, generation.steps)  # the VAE decode is a step's worth of work too
                 image = self.pipeline.decode(result.latents)[None]
                 final = self.pb.InferenceResponse([self.tensor(IMAGE_OUTPUT.name, image),
                                                    self.lora_step_tensor(result)])
