@@ -294,15 +294,15 @@ class Pipeline:
 
     # ---- all together --------------------------------------------------------------------------------------
     async def generate_async(self, request: GenerationRequest, on_step: StepCallback | None = None,
-                             exact_lora_step: int | None = None) -> GenerationResult:
+                             exact_lora_step: int | None = None, stop: StopCondition | None = None) -> GenerationResult:
         self.check(request)
-        result = await self.denoise(request, None, on_step, exact_lora_step)
+        result = await self.denoise(request, None, on_step, exact_lora_step, stop)
         return GenerationResult(self.decode(result.latents), result.lora_step, result.lora_wait_s, result.timings)
 
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None,
-                 exact_lora_step: int | None = None) -> GenerationResult:
+                 exact_lora_step: int | None = None, stop: StopCondition | None = None) -> GenerationResult:
         with self.lock:
-            return asyncio.run(self.generate_async(request, on_step, exact_lora_step))
+            return asyncio.run(self.generate_async(request, on_step, exact_lora_step, stop))
 
 
 class _Branch:

@@ -113,6 +113,7 @@ class StopCondition:
     budget_s: float = 0.0
     started: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: Callable[[], bool] | None = None
+    poll_s: float = CANCEL_POLL_S
     _next_poll: float = 0.0
 
     def check(self, steps_done: int, total_steps: int) -> None:
@@ -124,7 +125,7 @@ class StopCondition:
                                                     f"{where} ({now - self.started:.2f} s since it arrived)",
                                  steps_done)
         if self.cancelled is not None and now >= self._next_poll:
-            self._next_poll = now + CANCEL_POLL_S
+            self._next_poll = now + self.poll_s
             if self.cancelled():
                 raise RequestStopped("cancelled", f"the client cancelled the request; stopped {where}", steps_done)
 
