@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]")
     p.add_argument("--lora-mode", default=LORA_MODES[0], choices=LORA_MODES)
     p.add_argument("--controlnet", action="append", default=[], metavar="NAME:IMAGE[:SCALE]")
+    p.add_argument("--timeout", type=float, help="seconds to wait; the server stops the request then too")
+    p.add_argument("--retries", type=int, default=0, help="resend a request refused as over capacity (UNAVAILABLE) "
+                                                          "up to this often, with exponential backoff")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--stream", action="store_true", help="stream progress (a bar on stderr)")
     args = p.parse_args(argv)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         guidance_scale=args.guidance, height=height, width=width, scheduler=args.scheduler,
         loras=tuple(parse_lora(text) for text in args.lora), lora_mode=args.lora_mode,
         controlnets=tuple(parse_controlnet(text, height, width) for text in args.controlnet))
-    client = Client(args.url)
+    client = Client(args.url, timeout_s=args.timeout, retries=args.retries)
     try:
         result = client.generate_streaming(request, progress_bar) if args.stream else client.generate(request)
     except InferenceServerException as error:
