@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             with_check.append(median_s(lambda: store.load(use), 1))
             with mock.patch.object(lora, "check_values", lambda *a: None):
                 without_check.append(median_s(lambda: store.load(use), 1))
-        decoded = lora.decode_lora("sd15", (Path(folder) / "sd15.safetensors").read_bytes(), shapes)
+        decoded = lora.decode_lora("sd15", lora.read_lora("sd15", Path(folder) / "sd15.safetensors"), shapes)
         check_s = median_s(lambda: [lora.check_values("sd15", c, f) for c, f in decoded.layers.items()], args.runs)
     factor_bytes = sum(t.numel() * t.element_size() for f in decoded.layers.values() for pair in f.values()
                        for t in pair)

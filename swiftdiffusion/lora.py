@@ -5,13 +5,21 @@ old diffusers and PEFT keys to one form, and `get_peft_kwargs` gives each module
 `load_lora_weights` would. What is new here is the result: instead of wrapping layers, each LoRA becomes
 `{weight name: (down, up * scale)}`, which `build_patch` concatenates across a request's LoRAs into one
 `WeightPatch` (one matrix product per layer) for the engines to merge in place.
+
+The converters run once per key layout, not once per file: a layout (every key with its shape and dtype, the
+values of its scalars such as kohya alphas, and the adapter metadata diffusers stores) is converted once and its
+result traced back to the file's keys, giving a `DecodePlan` (weight name <- down key, up key, alpha / rank). The
+next file of that layout is decoded by direct lookups through the plan, with results bit-identical to the
+converters' (their output tensors are the file's own tensors, renamed). A layout whose converted tensors are
+not the file's own (a converter that computes new ones) is converted every time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import struct
+import threading
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
@@ -19,7 +27,8 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from diffusers.utils.peft_utils import get_peft_kwargs
 from peft.utils.other import get_pattern_key
-from safetensors.torch import load as load_safetensors
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from .engines import LayerDelta, WeightPatch
 
@@ -30,26 +39,131 @@ MAX_DELTA = 1e4
 
 
 class LoraFormatError(ValueError):
-    """The file is not a LoRA for this model (corrupt, truncated, unknown layers or wrong shapes)."""
+    """The file is not a LoRA for this model (corrupt, truncated, unknown layers, wrong shapes or bad values)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFile:
+    """A LoRA file's tensors (memory-mapped from the file by safetensors) and its metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: Mapping[str, str]
+    nbytes: int
+
+
+def read_lora(name: str, path: str | Path) -> LoraFile:
+    """The file through safetensors' own memory-mapped loading (no bytes object, no second parse)."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+        return LoraFile(load_file(str(path)), metadata, Path(path).stat().st_size)
+    except Exception as error:  # the reader raises many types for a damaged file
+        raise LoraFormatError(f"LoRA {name!r} is not a readable LoRA safetensors file ({error})") from error
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraFactors:
-    """One LoRA, decoded: component -> weight name -> (down [r, in], up [out, r] with alpha/r folded in)."""
+    """One LoRA, decoded: component -> weight name -> (down [r, in], up [out, r] with alpha/r folded in).
+
+    `bound` bounds every factor entry (the largest Frobenius norm of a factor), so a patch can tell without a pass
+    over the values whether they fit a narrower dtype.
+    """
 
     name: str
     layers: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]]
+    bound: float = 0.0
 
     def touches(self, component: str) -> bool:
         return bool(self.layers.get(component))
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layers in self.layers.values() for pair in layers.values()
+                   for t in pair)
 
-def _safetensors_metadata(data: bytes) -> dict:
-    (header_size,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + header_size]).get("__metadata__", {}) or {}
+
+@dataclasses.dataclass(frozen=True)
+class FactorSource:
+    """Where one layer's factors are in a file of a given layout."""
+
+    weight: str  # the model's weight name
+    down: str  # file keys
+    up: str
+    down_shape: tuple[int, ...]  # as the converters shaped them
+    up_shape: tuple[int, ...]
+    scale: float  # alpha / rank
 
 
-def _component_config(metadata: dict, component: str) -> dict | None:
+DecodePlan = Mapping[str, tuple[FactorSource, ...]]  # component -> its layers
+
+
+class DecodePlans:
+    """Decode plans by key layout, for one model's weights; thread-safe (the loader threads share it)."""
+
+    def __init__(self):
+        self.plans: dict[tuple, DecodePlan | None] = {}
+        self.lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, layout: tuple) -> tuple[bool, DecodePlan | None]:
+        """(whether the layout is known, its plan: None if its converted tensors cannot be traced)."""
+        with self.lock:
+            known = layout in self.plans
+            self.hits, self.misses = self.hits + known, self.misses + (not known)
+            return known, self.plans.get(layout)
+
+    def add(self, layout: tuple, plan: DecodePlan | None) -> None:
+        with self.lock:
+            self.plans[layout] = plan
+
+
+def layout_of(file: LoraFile) -> tuple:
+    """Every key with its shape and dtype, the value of every scalar (alphas), and the adapter metadata."""
+    keys = tuple(sorted((key, tuple(t.shape), str(t.dtype), float(t) if t.numel() == 1 else None)
+                        for key, t in file.tensors.items()))
+    return keys, file.metadata.get("lora_adapter_metadata")
+
+
+def decode_lora(name: str, file: LoraFile, weight_shapes: Mapping[str, Mapping[str, torch.Size]],
+                plans: DecodePlans | None = None) -> LoraFactors:
+    """Decodes a LoRA file against the model's weights (component -> name -> shape), through the plan of its
+    layout when `plans` has one (and adding it when not); without `plans`, through the converters."""
+    layout = layout_of(file) if plans is not None else None
+    known, plan = plans.get(layout) if plans is not None else (False, None)
+    if plan is not None:
+        layers = _apply(plan, file.tensors)
+    else:
+        converted = _convert(name, file, weight_shapes)
+        layers = {component: _factors(peft_state, scales) for component, (peft_state, scales) in converted.items()}
+        if plans is not None and not known:
+            plans.add(layout, _trace(converted, file.tensors))
+    bound = max(check_values(name, component, factors) for component, factors in layers.items())
+    return LoraFactors(name, layers, bound)
+
+
+def _convert(name: str, file: LoraFile, weight_shapes) -> dict[str, tuple[dict, dict[str, float]]]:
+    """component -> (its PEFT-named state dict, module -> alpha / rank), checked against the model's weights."""
+    try:
+        state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(file.tensors))
+    except Exception as error:  # the converters raise many types for a foreign file
+        raise LoraFormatError(f"LoRA {name!r} is not a readable LoRA safetensors file ({error})") from error
+    converted = {}
+    for component in COMPONENTS:
+        prefix = f"{component}."
+        part = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not part:
+            continue
+        alphas = {k.removeprefix(prefix): v for k, v in (network_alphas or {}).items() if k.startswith(prefix)}
+        peft_state = _to_peft(component, part)
+        scales = _module_scales(component, peft_state, alphas or None, _component_config(file.metadata, component))
+        _check_shapes(name, component, peft_state, scales, weight_shapes[component])
+        converted[component] = (peft_state, scales)
+    if not converted:
+        raise LoraFormatError(f"LoRA {name!r} has no UNet or text-encoder layers")
+    return converted
+
+
+def _component_config(metadata: Mapping[str, str], component: str) -> dict | None:
     """The LoraConfig kwargs diffusers stores in a file's metadata (`lora_adapter_metadata`), if any."""
     stored = metadata.get("lora_adapter_metadata")
     if not stored:
@@ -81,58 +195,73 @@ def _module_scales(component: str, peft_state: dict, alphas: dict | None, config
     return scales
 
 
-def decode_lora(name: str, data: bytes, weight_shapes: Mapping[str, Mapping[str, torch.Size]]) -> LoraFactors:
-    """Decodes a `.safetensors` LoRA file's bytes against the model's weights (component -> name -> shape)."""
-    try:
-        raw = load_safetensors(data)
-        metadata = _safetensors_metadata(data)
-        state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(raw)
-    except Exception as error:  # the readers raise many types for a damaged file
-        raise LoraFormatError(f"LoRA {name!r} is not a readable LoRA safetensors file ({error})") from error
-    layers = {}
-    for component in COMPONENTS:
-        prefix = f"{component}."
-        part = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
-        if not part:
-            continue
-        alphas = {k.removeprefix(prefix): v for k, v in (network_alphas or {}).items() if k.startswith(prefix)}
-        peft_state = _to_peft(component, part)
-        scales = _module_scales(component, peft_state, alphas or None, _component_config(metadata, component))
-        layers[component] = _factors(name, component, peft_state, scales, weight_shapes[component])
-        check_values(name, component, layers[component])
-    if not layers:
-        raise LoraFormatError(f"LoRA {name!r} has no UNet or text-encoder layers")
-    return LoraFactors(name, layers)
-
-
-def _factors(name, component, peft_state, scales, shapes) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    factors = {}
-    for module, scale in scales.items():
-        down = peft_state[f"{module}.lora_A.weight"].float().flatten(1)
-        up = peft_state[f"{module}.lora_B.weight"].float().flatten(1) * scale
-        weight = f"{module}.weight"
-        shape = shapes.get(weight)
+def _check_shapes(name: str, component: str, peft_state: dict, scales: dict[str, float], shapes) -> None:
+    for module in scales:
+        down, up = peft_state[f"{module}.lora_A.weight"], peft_state[f"{module}.lora_B.weight"]
+        shape = shapes.get(f"{module}.weight")
         if shape is None:
             raise LoraFormatError(f"LoRA {name!r} adapts {component} layer {module!r}, which this model lacks")
-        if up.shape[0] != shape[0] or down.shape[1] != shape[1:].numel() or up.shape[1] != down.shape[0]:
+        if up.shape[0] != shape[0] or down[0].numel() != shape[1:].numel() or up[0].numel() != down.shape[0]:
             raise LoraFormatError(
                 f"LoRA {name!r} layer {module!r}: factors {tuple(up.shape)} @ {tuple(down.shape)} do not fit "
                 f"the model's weight {tuple(shape)}"
             )
-        factors[weight] = (down.contiguous(), up.contiguous())
-    return factors
 
 
-def check_values(name: str, component: str, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _factor_pair(down: torch.Tensor, up: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one copy of a layer's factors: to fp32, 2-D, alpha / rank folded into up."""
+    return down.float().flatten(1).contiguous(), (up.float().flatten(1) * scale).contiguous()
+
+
+def _factors(peft_state: dict, scales: dict[str, float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {f"{module}.weight": _factor_pair(peft_state[f"{module}.lora_A.weight"],
+                                             peft_state[f"{module}.lora_B.weight"], scale)
+            for module, scale in scales.items()}
+
+
+def _trace(converted: dict[str, tuple[dict, dict[str, float]]], tensors: Mapping[str, torch.Tensor]
+           ) -> DecodePlan | None:
+    """The plan that reproduces `converted` from a file's tensors by key, or None if a converted factor is not
+    one of the file's tensors (same storage, dtype and size; a contiguous reshape at most)."""
+    by_address = {t.data_ptr(): key for key, t in tensors.items() if t.numel() > 1}
+
+    def source(tensor: torch.Tensor) -> str | None:
+        key = by_address.get(tensor.data_ptr())
+        original = tensors.get(key) if key is not None else None
+        fits = (original is not None and tensor.is_contiguous() and tensor.dtype == original.dtype
+                and tensor.numel() == original.numel())
+        return key if fits else None
+
+    plan = {}
+    for component, (peft_state, scales) in converted.items():
+        sources = []
+        for module, scale in scales.items():
+            down, up = peft_state[f"{module}.lora_A.weight"], peft_state[f"{module}.lora_B.weight"]
+            down_key, up_key = source(down), source(up)
+            if down_key is None or up_key is None:
+                return None
+            sources.append(FactorSource(f"{module}.weight", down_key, up_key, tuple(down.shape), tuple(up.shape),
+                                        scale))
+        plan[component] = tuple(sources)
+    return plan
+
+
+def _apply(plan: DecodePlan, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+    return {component: {s.weight: _factor_pair(tensors[s.down].view(s.down_shape), tensors[s.up].view(s.up_shape),
+                                               s.scale) for s in sources}
+            for component, sources in plan.items()}
+
+
+def check_values(name: str, component: str, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
     """LoraFormatError if any factor is NaN or infinite, or a layer's delta exceeds MAX_DELTA, before any weight
-    is written.
+    is written; returns a bound on every factor entry (the largest factor's Frobenius norm).
 
-    One pass over the factors: each layer's squared Frobenius norms (a BLAS dot each, ~10 ms per 190 MB of
+    One pass over the factors: each layer's squared Frobenius norms (a BLAS dot each, ~9 ms per 127 MB of
     factors here). Any NaN or Inf makes them non-finite, and ||up|| * ||down|| bounds every entry of up @ down;
     only a layer that fails this screen is examined exactly (which also avoids rejecting a loose bound).
     """
     if not factors:
-        return
+        return 0.0
     weights = list(factors)
     squares = torch.stack([torch.stack((torch.dot(down.view(-1), down.view(-1)), torch.dot(up.view(-1), up.view(-1))))
                            for down, up in factors.values()]).double()
@@ -146,36 +275,36 @@ def check_values(name: str, component: str, factors: Mapping[str, tuple[torch.Te
         if largest > MAX_DELTA:
             raise LoraFormatError(f"LoRA {name!r} has values too large (layer {layer}: its delta reaches "
                                   f"{largest:.3g}, at most {MAX_DELTA:g})")
+    return float(squares.max().sqrt())
 
 
-def build_patch(
-    component: str, loras: Iterable[tuple[LoraFactors, float]], device: torch.device, dtype: torch.dtype
-) -> WeightPatch:
-    """Sums a request's LoRAs (each with its request scale) into one patch for one component."""
+def build_patch(component: str, loras: Iterable[tuple[LoraFactors, float]], device: torch.device,
+                dtype: torch.dtype, stager: Stager | None = None) -> WeightPatch:
+    """Sums a request's LoRAs (each with its request scale) into one patch for one component, on `device` in
+    `dtype` (through `stager`'s pinned buffer on a GPU). A layer that one LoRA touches needs no concatenation."""
     loras = [(lora, scale) for lora, scale in loras if lora.touches(component)]
     per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for lora, scale in loras:
         for weight, (down, up) in lora.layers[component].items():
             per_layer.setdefault(weight, []).append((down, up * scale))
-    layers = {
-        weight: LayerDelta(
-            up=_to_device(torch.cat([up for _, up in pairs], dim=1), device, dtype),
-            down=_to_device(torch.cat([down for down, _ in pairs], dim=0), device, dtype),
-        )
-        for weight, pairs in per_layer.items()
-    }
-    _check_range(component, layers, dtype)
+    layers = {weight: LayerDelta(up=_joined([up for _, up in pairs], 1).to(dtype),
+                                 down=_joined([down for down, _ in pairs], 0).to(dtype))
+              for weight, pairs in per_layer.items()}
+    if any(lora.bound * abs(scale) > torch.finfo(dtype).max for lora, scale in loras):
+        _check_range(component, layers, dtype)
     if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()  # the copies are done before the patch is handed over
+        layers = (stager or Stager(device)).stage(layers)
     key = tuple((lora.name, float(scale)) for lora, scale in loras)
     return WeightPatch(key=key, layers=layers)
 
 
+def _joined(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
 def _check_range(component: str, layers: Mapping[str, LayerDelta], dtype: torch.dtype) -> None:
     """LoraFormatError if a factor overflowed the engine's dtype (fp16 ends at 65504: finite fp32 factors of a
-    valid-looking file can still become Inf there); one check for all layers, on the factors' device."""
-    if not layers or torch.finfo(dtype).max >= torch.finfo(torch.float32).max:
-        return
+    valid-looking file can still become Inf there). Only run when the factors' bound says it could happen."""
     finite = torch.stack([torch.isfinite(d.up).all() & torch.isfinite(d.down).all() for d in layers.values()])
     if not bool(finite.all()):
         weight = list(layers)[int((~finite).nonzero()[0])]
@@ -183,12 +312,43 @@ def _check_range(component: str, layers: Mapping[str, LayerDelta], dtype: torch.
                               f"{weight.removesuffix('.weight')})")
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Host factors to the engine's device; through pinned memory on a GPU, so the copy is a plain DMA."""
-    tensor = tensor.to(dtype)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
+class Stager:
+    """Moves a patch's factors to a device with one host-to-device copy, through a pinned buffer reused across
+    patches, on a stream of its own (so the copy overlaps whatever the device is computing).
+
+    One stager per loader thread: its buffer is reused once its last copy is done, which `stage` waits for.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def stage(self, layers: Mapping[str, LayerDelta]) -> dict[str, LayerDelta]:
+        tensors = [t for delta in layers.values() for t in (delta.up, delta.down)]
+        if not tensors:
+            return dict(layers)
+        dtype = tensors[0].dtype
+        total = sum(t.numel() for t in tensors)
+        host = self._host_buffer(total * tensors[0].element_size()).view(dtype)[:total]
+        torch.cat([t.reshape(-1) for t in tensors], out=host)
+        device = torch.empty(total, dtype=dtype, device=self.device)
+        if self.stream is None:
+            device.copy_(host)
+        else:
+            with torch.cuda.stream(self.stream):
+                device.copy_(host, non_blocking=True)
+            self.stream.synchronize()  # the buffer may be reused, and the patch is ready when handed over
+        views, offset = [], 0
+        for t in tensors:
+            views.append(device[offset:offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        return {weight: LayerDelta(up=views[2 * i], down=views[2 * i + 1]) for i, weight in enumerate(layers)}
+
+    def _host_buffer(self, nbytes: int) -> torch.Tensor:
+        if self.buffer.numel() < nbytes:
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.stream is not None)
+        return self.buffer[:nbytes]
 
 
 def weight_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:

@@ -97,9 +97,9 @@ class SlowStore(LoraStore):
 
     delay = 0.6
 
-    def fetch(self, name: str) -> bytes:
+    def decoded(self, name: str):
         time.sleep(self.delay)
-        return super().fetch(name)
+        return super().decoded(name)
 
 
 @pytest.fixture
@@ -172,7 +172,7 @@ def test_broken_lora_files_through_the_server(client, pipeline, bad_loras):
         assert max_diff(client.generate(good).image, pipeline.generate(good).image) <= 1
 
 
-def test_lora_catalog_over_http_equals_local(tiny_root, lora_pipeline):
+def test_lora_catalog_over_http_equals_local(tiny_root, lora_pipeline, tmp_path):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tiny_root / "loras"))
     handler.log_message = lambda *args: None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -180,9 +180,10 @@ def test_lora_catalog_over_http_equals_local(tiny_root, lora_pipeline):
     try:
         model = lora_pipeline.model
         remote = LoraStore(f"http://127.0.0.1:{httpd.server_address[1]}", model.weight_shapes, model.device,
-                           model.dtype)
+                           model.dtype, copies_dir=tmp_path)
         uses = [LoraUse("character_kohya", 0.8), LoraUse("style_peft", 0.3)]
-        over_http, local = remote.load(uses), lora_pipeline.loras.load(uses)
+        local = LoraStore(tiny_root / "loras", model.weight_shapes, model.device, model.dtype)
+        over_http, local = remote.load(uses), local.load(uses)
         assert over_http.bytes_read == local.bytes_read > 0
         for component in ("unet", "text_encoder"):
             ours, theirs = getattr(over_http, component).layers, getattr(local, component).layers

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from swiftdiffusion import onnx_export, tiny
 from swiftdiffusion.engines import LayerDelta, WeightPatch
-from swiftdiffusion.lora import build_patch, decode_lora
+from swiftdiffusion.lora import build_patch, decode_lora, read_lora
 from swiftdiffusion.models import ModelComponents, load_components, torch_engines
 from swiftdiffusion.onnx_export import WeightEntry, WeightMap
 
@@ -125,8 +125,8 @@ def test_lora_merged_through_weight_map_matches_torch(exported):
     root, out, _, manifest = exported
     components = load_components(root / "model")
     loaded = torch_engines(components, "cpu", torch.float32)
-    data = (root / "loras" / "character_kohya.safetensors").read_bytes()
-    lora = decode_lora("character_kohya", data, loaded.weight_shapes)
+    lora = decode_lora("character_kohya", read_lora("character_kohya", root / "loras" / "character_kohya.safetensors"),
+                       loaded.weight_shapes)
     assert lora.touches("unet") and lora.touches("text_encoder")
     graph_sources = sources(components)
     for name in ("text_encoder", "unet", "unet_encoder", "unet_decoder"):

@@ -14,7 +14,7 @@ import torch
 
 from swiftdiffusion import onnx_export, tensorrt_runtime
 from swiftdiffusion.graphs import GraphSpec
-from swiftdiffusion.lora import build_patch, decode_lora
+from swiftdiffusion.lora import build_patch, decode_lora, read_lora
 from swiftdiffusion.models import load_components, torch_engines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,8 @@ def test_tensorrt_unet_matches_torch_and_refits_loras(built):
     plain = engine(inputs)["noise_pred"]
     torch.testing.assert_close(plain, reference(inputs)["noise_pred"], atol=1e-3, rtol=1e-3)
 
-    lora = decode_lora("kohya", (root / "loras" / "character_kohya.safetensors").read_bytes(), loaded.weight_shapes)
+    path = root / "loras" / "character_kohya.safetensors"
+    lora = decode_lora("kohya", read_lora("kohya", path), loaded.weight_shapes)
     patch = build_patch("unet", [(lora, 0.8)], torch.device("cpu"), torch.float32)
     refits = []
     refit = engine._refit

@@ -21,12 +21,12 @@ import torch
 from diffusers import ControlNetModel, PNDMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.utils import logging as diffusers_logging
-from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
 from transformers.utils import logging as transformers_logging
 
 from ..catalog import resolve
 from ..diffusers_baseline import call_kwargs, fused_loras, to_uint8
-from ..lora_store import LoraStore
+from ..lora_store import LoraSource
 from ..models import load_components
 from ..pipeline import SCHEDULERS
 from ..request import GenerationRequest, RequestError, validate
@@ -56,8 +56,8 @@ class BaselineDiffusersModel(ModelBase):
         self.scheduler_config = dict(self.pipe.scheduler.config)
         self.controlnet_root = Path(self.params["controlnet_catalog"])
         self.controlnets: dict[str, ControlNetModel] = {}
-        # Only for its catalog resolution (name checks, local folder or fsspec URL) and fetching.
-        self.lora_files = LoraStore(self.params["lora_catalog"], {}, self.device, self.dtype, workers=1)
+        # The catalog's name rules and fetching (local folder or fsspec URL), as ours.
+        self.lora_files = LoraSource(self.params["lora_catalog"], self.params.get("lora_copies") or None)
         self.metric_family = self.pb.MetricFamily(
             name="swiftdiffusion_baseline_lora_seconds", kind=self.pb.MetricFamily.HISTOGRAM,
             description="baseline: load_lora_weights + set_adapters + fuse + unfuse + unload time per request")
@@ -112,7 +112,7 @@ class BaselineDiffusersModel(ModelBase):
 
     def _lora_state(self, name: str) -> dict[str, torch.Tensor]:
         try:
-            return load_safetensors(self.lora_files.fetch(name))
+            return load_file(self.lora_files.path(name))
         except FileNotFoundError as error:
             raise RequestError("lora_names", f"unknown name {name!r}") from error
 
