@@ -209,8 +209,11 @@ def _check_shapes(name: str, component: str, peft_state: dict, scales: dict[str,
 
 
 def _factor_pair(down: torch.Tensor, up: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The one copy of a layer's factors: to fp32, 2-D, alpha / rank folded into up."""
-    return down.float().flatten(1).contiguous(), (up.float().flatten(1) * scale).contiguous()
+    """The one copy of a layer's factors: to fp32, 2-D, alpha / rank folded into up (in place when the fp32
+    copy is ours, i.e. the file was not fp32 already)."""
+    up32 = up.float().flatten(1)
+    up32 = up32.mul_(scale) if up32.data_ptr() != up.data_ptr() else up32 * scale
+    return down.float().flatten(1).contiguous(), up32.contiguous()
 
 
 def _factors(peft_state: dict, scales: dict[str, float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -285,8 +288,11 @@ def build_patch(component: str, loras: Iterable[tuple[LoraFactors, float]], devi
     loras = [(lora, scale) for lora, scale in loras if lora.touches(component)]
     per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for lora, scale in loras:
-        for weight, (down, up) in lora.layers[component].items():
-            per_layer.setdefault(weight, []).append((down, up * scale))
+        weights, pairs = list(lora.layers[component]), list(lora.layers[component].values())
+        ups = [up for _, up in pairs]
+        scaled = ups if scale == 1.0 else torch._foreach_mul(ups, scale)  # x * 1.0 == x: skipping it is exact
+        for weight, (down, _), up in zip(weights, pairs, scaled):
+            per_layer.setdefault(weight, []).append((down, up))
     layers = {weight: LayerDelta(up=_joined([up for _, up in pairs], 1).to(dtype),
                                  down=_joined([down for down, _ in pairs], 0).to(dtype))
               for weight, pairs in per_layer.items()}

@@ -5,9 +5,9 @@ credentials from the usual environment). Names are plain catalog entries (`<name
 else is refused before a path or URL is built.
 
 Where a cold LoRA's time goes, and what keeps it to reading its bytes:
-- I/O: local files are memory-mapped by safetensors; remote files are copied once into a local folder of copies
-  (`FileCopies`, shared by the server's processes, bounded in bytes, named after the file's version so a changed
-  file is never served from an old copy), with large parallel range reads, then memory-mapped like local ones.
+- I/O (`lora_source`): local files are memory-mapped by safetensors; remote files are copied once into a local
+  folder of copies (shared by the server's processes, bounded in bytes, named after the file's version so a
+  changed file is never served from an old copy), with large parallel range reads, then memory-mapped.
 - Decoding: diffusers' converters run once per key layout (`lora.DecodePlans`); later files of that layout are
   decoded by direct lookups.
 - Repeats: decoded LoRAs stay in a host cache with a byte budget (`cache_mb`), keyed by name and file version.
@@ -20,27 +20,22 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
-import os
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import fsspec
 import torch
+from safetensors.torch import save_file
 
-from .catalog import resolve
 from .engines import WeightPatch
 from .lora import DecodePlans, LoraFactors, LoraFormatError, Stager, build_patch, decode_lora, read_lora
-from .request import LoraUse, RequestError, check_catalog_name
+from .lora_source import SUFFIX, LoraSource
+from .request import LoraUse, RequestError
+from .tiny import lora_state_dict, random_lora_factors
 
-SUFFIX = ".safetensors"
-BLOCK_BYTES = 16 << 20  # one range read of a remote file; files larger than one block are read in parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,122 +55,6 @@ class LoraSet:
 
 def lora_key(uses: Sequence[LoraUse]) -> tuple:
     return tuple((use.name, float(use.scale)) for use in uses)
-
-
-class FileCopies:
-    """Local copies of remote files in one folder, at most `budget_bytes` (least recently used go first).
-
-    A copy's name carries the remote file's version, so a changed file gets a new copy. Each copy is written
-    under an exclusive lock (`flock`, across processes) to a temporary name and renamed into place, so processes
-    asking for the same file at once fetch it once and nobody reads a partial copy.
-    """
-
-    def __init__(self, folder: str | Path, budget_bytes: int):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.budget_bytes = budget_bytes
-
-    def path(self, name: str, version: str) -> Path:
-        return self.folder / f"{name}.{hashlib.sha256(version.encode()).hexdigest()[:16]}{SUFFIX}"
-
-    def get(self, fs, url: str, name: str, version: str, size: int) -> Path:
-        target = self.path(name, version)
-        if not target.exists():
-            with self._locked(target):
-                if not target.exists():
-                    partial = target.with_suffix(".partial")
-                    _download(fs, url, partial, size)
-                    os.replace(partial, target)
-                    self._evict(keep=target)
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(target)  # recency for eviction
-        return target
-
-    @contextlib.contextmanager
-    def _locked(self, target: Path):
-        with open(target.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def _evict(self, keep: Path) -> None:
-        copies = sorted(self.folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in copies)
-        for old in copies:
-            if total <= self.budget_bytes:
-                return
-            if old != keep:
-                total -= old.stat().st_size
-                old.unlink(missing_ok=True)
-
-
-def _download(fs, url: str, path: Path, size: int) -> None:
-    """The whole file, as one read or, when larger than a block, as concurrent range reads (fsspec's async
-    filesystems run `cat_ranges` concurrently), each written at its offset."""
-    if size <= BLOCK_BYTES:
-        path.write_bytes(fs.cat_file(url))
-        return
-    starts = list(range(0, size, BLOCK_BYTES))
-    ends = [min(start + BLOCK_BYTES, size) for start in starts]
-    with open(path, "wb") as file:
-        for start, block in zip(starts, fs.cat_ranges([url] * len(starts), starts, ends)):
-            os.pwrite(file.fileno(), block, start)
-
-
-class LoraSource:
-    """Where a catalog's files are: `path(name)` gives a local file to memory-map, fetching a remote one into
-    `FileCopies` first; `version(name)` identifies the file's content (size and modification time, or ETag)."""
-
-    def __init__(self, location: str | Path, copies_dir: str | Path | None = None, copies_mb: int = 4096):
-        self.location = str(location)
-        self.is_local = "://" not in self.location
-        self.fs = None if self.is_local else fsspec.core.url_to_fs(self.location)[0]
-        self.copies = None
-        self.prefetcher: concurrent.futures.ThreadPoolExecutor | None = None
-        if not self.is_local:
-            folder = copies_dir or Path(tempfile.gettempdir()) / "swiftdiffusion-lora-copies" / hashlib.sha256(
-                self.location.encode()).hexdigest()[:12]
-            self.copies = FileCopies(folder, copies_mb << 20)
-
-    def locate(self, name: str) -> str:
-        if self.is_local:
-            return str(resolve(Path(self.location), name, SUFFIX, "lora_names"))
-        check_catalog_name("lora_names", name)
-        return f"{self.location.rstrip('/')}/{name}{SUFFIX}"
-
-    def version(self, name: str) -> tuple[str, int]:
-        """(the file's version, its size in bytes); FileNotFoundError if there is none."""
-        where = self.locate(name)
-        if self.is_local:
-            stat = os.stat(where)
-            return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}", stat.st_size
-        info = self.fs.info(where)
-        stamp = info.get("ETag") or info.get("LastModified") or info.get("Last-Modified") or info.get("mtime")
-        return f"{info['size']}:{stamp}", int(info["size"])
-
-    def path(self, name: str, version: str | None = None, size: int | None = None) -> Path:
-        if self.is_local:
-            return Path(self.locate(name))
-        if version is None:
-            version, size = self.version(name)
-        return self.copies.get(self.fs, self.locate(name), name, version, size)
-
-    def prefetch(self, names: Sequence[str]) -> None:
-        """Starts fetching remote files' copies (or the kernel's read-ahead of local files) in the background;
-        a bad name or a failed fetch is left for the request itself to report."""
-        if self.prefetcher is None:
-            self.prefetcher = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-prefetch")
-        for name in names:
-            self.prefetcher.submit(_quietly, self._prefetch, name)
-
-    def _prefetch(self, name: str) -> None:
-        if not self.is_local:
-            self.path(name)
-            return
-        with open(self.locate(name), "rb") as file:
-            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
 
 
 class DecodedCache:
@@ -271,14 +150,35 @@ class LoraStore:
             self.locate(use.name)
         return self.pool.submit(self.load, uses)
 
+    def warm(self) -> None:
+        """Runs the whole path once at model load, so that the first request pays nothing extra: a synthetic
+        rank-1 kohya LoRA of one UNet and one text-encoder attention layer, read, converted and staged."""
+        def first(component: str, suffixes: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+            """The first layer's weights with these suffixes (the text encoder's converter needs all four
+            attention projections of a layer to recognise the format)."""
+            shapes = self.weight_shapes.get(component, {})
+            found = [w for w in shapes if w.endswith(tuple(f"{s}.weight" for s in suffixes))][:len(suffixes)]
+            return {w.removesuffix(".weight"): tuple(shapes[w][:2]) for w in found}
+
+        unet = first("unet", ("attn1.to_q",))
+        if not unet:
+            return
+        text = {"text_model." + k.removeprefix("text_model."): v for k, v in first(
+            "text_encoder", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")).items()}
+        targets = {"unet": unet}
+        generator = torch.Generator().manual_seed(0)
+        state = lora_state_dict(random_lora_factors(targets["unet"], 1, generator),
+                                random_lora_factors(text, 1, generator), "kohya", 1.0, set())
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / f"warm{SUFFIX}"
+            save_file(state, path)
+            factors = decode_lora("warm", read_lora("warm", path), self.weight_shapes, DecodePlans())
+        for component in ("unet", "text_encoder"):
+            build_patch(component, [(factors, 0.5)], self.device, self.dtype, self._stager())
+
     def _stager(self) -> Stager | None:
         if self.device.type != "cuda":
             return None
         if not hasattr(self.stagers, "stager"):
             self.stagers.stager = Stager(self.device)
         return self.stagers.stager
-
-
-def _quietly(fn, *args) -> None:
-    with contextlib.suppress(Exception):
-        fn(*args)

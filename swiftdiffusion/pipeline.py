@@ -69,6 +69,7 @@ class LoraTimings:
     patch_s: float = 0.0
     restore_s: float = 0.0
     bytes_read: int = 0
+    cache_hits: int = 0  # LoRAs served decoded from the host cache
     reused: bool = False  # the set was already patched in by the previous request
 
 
@@ -280,6 +281,7 @@ class Pipeline:
         timings.patch_s += time.perf_counter() - begin
         timings.load_s += lora_set.load_s
         timings.bytes_read += lora_set.bytes_read
+        timings.cache_hits += lora_set.cache_hits
 
     def _control_image(self, image: np.ndarray, guided: bool) -> torch.Tensor:
         # As diffusers' control image processor: float32 in [0, 1], NCHW, then the engine's dtype.

@@ -36,7 +36,7 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
                       dtype=args.dtype, gpus=gpus, controlnet_instances=args.controlnet_instances,
                       torch_threads=args.torch_threads, compile=args.compile,
                       cfg_device=f"cuda:{args.cfg_gpu}" if args.cfg_gpu is not None else "",
-                      max_queue=args.max_queue,
+                      max_queue=args.max_queue, lora_cache_mb=args.lora_cache_mb, lora_copies=args.lora_copies,
                       limits=Limits(max_steps=args.max_steps, max_size=args.max_size,
                                     max_request_seconds=args.max_request_seconds))
 
@@ -63,6 +63,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-seconds", type=float, default=Limits.max_request_seconds,
                    help="stop any request running longer than this since its arrival (0: no limit; a request's "
                         "timeout_s can only shorten it)")
+    p.add_argument("--lora-cache-mb", type=int, default=Deployment.lora_cache_mb,
+                   help="decoded LoRAs kept in host memory per denoising instance (repeats skip read and decode)")
+    p.add_argument("--lora-copies", default=Deployment.lora_copies,
+                   help="folder for local copies of a remote LoRA catalog (default: under the temporary directory)")
     p.add_argument("--max-queue", type=int, default=Deployment.max_queue,
                    help="requests that may wait per denoising model; beyond it UNAVAILABLE at once (0: unbounded)")
     p.add_argument("--repository", type=Path, default=PROJECT / "build" / "model_repository")

@@ -38,8 +38,12 @@ class LoraMetrics:
         self.bytes_read = counter("swiftdiffusion_lora_bytes_read_total", "LoRA file bytes read")
         self.hits = counter("swiftdiffusion_lora_reuse_total", "requests whose LoRA set was already patched in")
         self.misses = counter("swiftdiffusion_lora_loads_total", "requests that loaded their LoRA set")
+        self.cache_hits = counter("swiftdiffusion_lora_cache_hits_total", "LoRAs served decoded from the host cache")
+        self.cache_misses = counter("swiftdiffusion_lora_cache_misses_total", "LoRAs read and decoded")
+        self.cache_bytes = family("swiftdiffusion_lora_cache_bytes", "decoded LoRAs held in the host cache",
+                                  pb.MetricFamily.GAUGE).Metric(labels=labels)
 
-    def record(self, request: GenerationRequest, result: DenoiseResult) -> None:
+    def record(self, request: GenerationRequest, result: DenoiseResult, cache_bytes: int) -> None:
         self.restore_s.observe(result.timings.restore_s)
         if not request.loras:
             return
@@ -49,6 +53,9 @@ class LoraMetrics:
             self.hits.increment(1)
             return
         self.misses.increment(1)
+        self.cache_hits.increment(result.timings.cache_hits)
+        self.cache_misses.increment(len(request.loras) - result.timings.cache_hits)
+        self.cache_bytes.set(cache_bytes)
         self.load_s.observe(result.timings.load_s)
         self.patch_s.observe(result.timings.patch_s)
         self.bytes_read.increment(result.timings.bytes_read)

@@ -19,14 +19,15 @@ from transformers import CLIPTextConfig
 from ..graphs import skip_names, skip_count
 from ..request import Limits
 from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, PROGRESS_OUTPUTS, REQUEST_INPUTS, TensorSpec
+from .prefetch import PREFETCHED
 from .serving import ARRIVED_AT, PROMPT_INPUTS
 
 # What clients send, every input optional in the configs: Triton 2.51's ensemble answers a missing required input
 # with "unexpected deadlock ...", so the models check required fields themselves and name them ("prompt: required").
 CLIENT_INPUTS = [dataclasses.replace(spec, optional=True) for spec in REQUEST_INPUTS]
 SOURCE = Path(__file__).resolve().parents[2] / "model_repository"
-MODELS = ("text_encoder", "denoiser", "controlnet", "vae_decoder", "text_to_image", "text_to_image_stream",
-          "baseline_diffusers")
+MODELS = ("text_encoder", "lora_prefetch", "denoiser", "controlnet", "vae_decoder", "text_to_image",
+          "text_to_image_stream", "baseline_diffusers")
 
 
 @dataclasses.dataclass
@@ -53,6 +54,10 @@ class Deployment:
     # Requests that may wait for each denoising model's instances; one more is refused at once with UNAVAILABLE
     # ("Exceeds maximum queue size"), which clients retry with backoff. 0: unbounded.
     max_queue: int = 8
+    lora_cache_mb: int = 1024  # decoded LoRAs kept in host memory per denoising instance
+    # Where local copies of a remote LoRA catalog's files go (shared by the prefetch step and the denoisers);
+    # empty: a folder under the system's temporary directory.
+    lora_copies: str = ""
 
 
 def _tensor(spec: TensorSpec, direction: str) -> str:
@@ -107,9 +112,14 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
     if deployment.model_config is not None:
         model["model_config"] = deployment.model_config.resolve()
     catalogs = {"controlnet_catalog": deployment.controlnet_catalog.resolve(),
-                "lora_catalog": deployment.lora_catalog}
+                "lora_catalog": deployment.lora_catalog, "lora_copies": deployment.lora_copies}
     embeddings = TensorSpec("text_embeddings", "TYPE_FP32", (2, 77, text_width), optional=False)
     arrived = TensorSpec(ARRIVED_AT, "TYPE_FP64", (1,))
+    prefetched = TensorSpec(PREFETCHED, "TYPE_INT32", (1,))
+    # The prefetch step also takes the arrival stamp, which it ignores: a request without LoRAs would reach it with
+    # no input at all, which Triton 2.51 rejects ("request has 0 inputs").
+    prefetch_inputs = [next(spec for spec in CLIENT_INPUTS if spec.name == "lora_names"),
+                       dataclasses.replace(arrived, optional=False)]
     latents = TensorSpec("latents", "TYPE_FP32", (latent_channels, -1, -1), optional=False)
     prompt_inputs = [s for s in CLIENT_INPUTS if s.name in PROMPT_INPUTS]
     limits = {"max_steps": deployment.limits.max_steps, "max_size": deployment.limits.max_size,
@@ -124,7 +134,7 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
     ]
     residuals = [TensorSpec(name, "TYPE_FP32", (-1, -1, -1, -1), optional=False) for name in (*skips, "mid")]
     denoiser_params = {**model, **catalogs, **limits, "controlnet_model": "controlnet",
-                       "cfg_device": deployment.cfg_device}
+                       "cfg_device": deployment.cfg_device, "lora_cache_mb": deployment.lora_cache_mb}
     configs = {
         "text_encoder": _python("text_encoder", 8, _io(prompt_inputs, [embeddings, arrived]) + _instances(
             deployment, "text_encoder") + _parameters(model), batching=True),
@@ -134,7 +144,10 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
             deployment, "controlnet", deployment.controlnet_instances) + _parameters(
             {**common, "controlnet_catalog": catalogs["controlnet_catalog"],
              "resident_controlnets": deployment.resident_controlnets})),
-        "denoiser": _python("denoiser", 1, _io([*CLIENT_INPUTS, embeddings, arrived], [latents, LORA_STEP_OUTPUT])
+        "lora_prefetch": _python("lora_prefetch", 1, _io(prefetch_inputs, [prefetched]) + _instances(
+            deployment, "lora_prefetch") + _parameters(catalogs)),
+        "denoiser": _python("denoiser", 1, _io([*CLIENT_INPUTS, embeddings, arrived, prefetched],
+                                               [latents, LORA_STEP_OUTPUT])
                             + _instances(deployment, "denoiser") + _parameters(denoiser_params),
                             max_queue=deployment.max_queue),
         "text_to_image_stream": _python(
@@ -154,7 +167,8 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
 
 
 def _ensemble() -> str:
-    """text_encoder -> denoiser -> vae_decoder, every request field passed through by its own name."""
+    """text_encoder -> lora_prefetch -> denoiser -> vae_decoder, every request field passed through by its own
+    name."""
     names = [s.name for s in REQUEST_INPUTS]
     denoiser_inputs = "\n".join(f"        input_map {{ key: \"{n}\" value: \"{n}\" }}" for n in names)
     return (
@@ -166,10 +180,15 @@ def _ensemble() -> str:
         "        input_map { key: \"negative_prompt\" value: \"negative_prompt\" }\n"
         "        output_map { key: \"text_embeddings\" value: \"text_embeddings\" }\n"
         f"        output_map {{ key: \"{ARRIVED_AT}\" value: \"{ARRIVED_AT}\" }}\n    }},\n"
+        "    {\n      model_name: \"lora_prefetch\"\n      model_version: -1\n"
+        f"        input_map {{ key: \"{ARRIVED_AT}\" value: \"{ARRIVED_AT}\" }}\n"
+        "        input_map { key: \"lora_names\" value: \"lora_names\" }\n"
+        f"        output_map {{ key: \"{PREFETCHED}\" value: \"{PREFETCHED}\" }}\n    }},\n"
         "    {\n      model_name: \"denoiser\"\n      model_version: -1\n"
         f"{denoiser_inputs}\n"
         "        input_map { key: \"text_embeddings\" value: \"text_embeddings\" }\n"
         f"        input_map {{ key: \"{ARRIVED_AT}\" value: \"{ARRIVED_AT}\" }}\n"
+        f"        input_map {{ key: \"{PREFETCHED}\" value: \"{PREFETCHED}\" }}\n"
         "        output_map { key: \"latents\" value: \"latents\" }\n"
         "        output_map { key: \"lora_step\" value: \"lora_step\" }\n    },\n"
         "    {\n      model_name: \"vae_decoder\"\n      model_version: -1\n"

@@ -244,7 +244,10 @@ class DenoiserModel(ModelBase):
         controlnets = BlsControlNets(self.pb, self.params.get("controlnet_model", "controlnet"),
                                      self.params["controlnet_catalog"],
                                      residual_names(model.engines["unet_decoder"].spec), self.device)
-        loras = LoraStore(self.params["lora_catalog"], model.weight_shapes, self.device, self.dtype)
+        loras = LoraStore(self.params["lora_catalog"], model.weight_shapes, self.device, self.dtype,
+                          cache_mb=int(self.params.get("lora_cache_mb", "1024")),
+                          copies_dir=self.params.get("lora_copies") or None)
+        loras.warm()
         # `cfg_parallel` requests run their unconditional branch on a UNet copy there (e.g. a second GPU).
         cfg_device = self.params.get("cfg_device")
         cfg_model = self.load(("unet",), torch.device(cfg_device)) if cfg_device else None
@@ -268,7 +271,7 @@ class DenoiserModel(ModelBase):
         except RequestStopped as stopped:
             self.request_metrics.stopped_early(stopped)
             raise
-        self.metrics.record(generation, result)
+        self.metrics.record(generation, result, self.pipeline.loras.cache.bytes)
         self.request_metrics.finished(generation.steps)
         return result
 
