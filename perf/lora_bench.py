@@ -11,14 +11,19 @@ catalog entry per request), so nothing is reused. Sources:
            `--fetch-share` of a request without LoRA, the share production traces show for SDXL LoRAs)
 The diffusers way is `load_lora_weights` + `set_adapters` + `fuse_lora`, run, `unfuse_lora` + `unload_lora_weights`
 on a diffusers pipeline over the same weights (warm files).
+Then a closed loop at concurrency 2 (requests queue for the one pipeline, as for a denoiser instance) with cold
+remote LoRAs in `bounded` mode, without and with the look-ahead prefetch. The per-size decode breakdown against
+`load_file` is perf/lora_decode_bench.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import http.server
+import io
 import json
 import os
 import shutil
@@ -44,9 +49,26 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 
 class ThrottledHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files at `rate` bytes per second, in 64 KiB chunks."""
+    """Serves files at `rate` bytes per second per connection, in 64 KiB chunks, with byte ranges (as object
+    stores do, whose per-connection rate parallel range reads multiply)."""
 
     rate = 200e6
+
+    def do_GET(self):
+        wanted = self.headers.get("Range", "")
+        path = Path(self.translate_path(self.path))
+        if not wanted.startswith("bytes=") or not path.is_file():
+            return super().do_GET()
+        size = path.stat().st_size
+        first, _, last = wanted.removeprefix("bytes=").partition("-")
+        start, end = int(first or 0), min(int(last) if last else size - 1, size - 1)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        with path.open("rb") as file:
+            file.seek(start)
+            self.copyfile(io.BytesIO(file.read(end - start + 1)), self.wfile)
 
     def copyfile(self, source, destination):
         began = time.perf_counter()
@@ -78,6 +100,66 @@ def write_catalog(folder: Path, components, count: int, rank: int) -> list[str]:
     return names
 
 
+def remote_url(httpd) -> str:
+    return f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def closed_loop(pipeline: Pipeline, requests: list[GenerationRequest], store: LoraStore | None,
+                prefetch: bool) -> list[float]:
+    """Two clients, one pipeline (one denoiser instance): each client sends its next request when its last one
+    returns, and requests wait in FIFO order for the pipeline, as in Triton's queue. With `prefetch` a request's
+    LoRAs start coming when it is queued, as the ensemble's `lora_prefetch` step does. Latencies in seconds."""
+    if store is not None:
+        pipeline.loras = store
+    denoiser = concurrent.futures.ThreadPoolExecutor(1)
+    pending = iter(requests)
+    lock = threading.Lock()
+    latencies: list[float] = []
+
+    def client() -> None:
+        while True:
+            with lock:
+                request = next(pending, None)
+            if request is None:
+                return
+            begin = time.perf_counter()
+            if prefetch:
+                store.source.prefetch([lora.name for lora in request.loras])
+            denoiser.submit(pipeline.generate, request).result()
+            with lock:
+                latencies.append(time.perf_counter() - begin)
+
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    denoiser.shutdown()
+    return latencies
+
+
+def queued_with_prefetch(pipeline: Pipeline, base: GenerationRequest, names, url: str, model, args) -> dict:
+    """Mean latency at concurrency 2: no LoRA, a cold remote LoRA per request (`bounded`) without and with the
+    look-ahead prefetch, each request with a LoRA never fetched before."""
+    count = 2 * args.rounds + 2
+    plain = [base] * count
+
+    def with_loras() -> list[GenerationRequest]:
+        return [dataclasses.replace(base, loras=(LoraUse(next(names), 0.8),), lora_mode="bounded")
+                for _ in range(count)]
+
+    def store() -> LoraStore:
+        copies = PROJECT / "build" / "lora_bench_copies"
+        shutil.rmtree(copies, ignore_errors=True)
+        return LoraStore(url, model.weight_shapes, model.device, model.dtype, copies_dir=copies)
+
+    means = {"no_lora": statistics.mean(closed_loop(pipeline, plain, None, False)),
+             "bounded_remote": statistics.mean(closed_loop(pipeline, with_loras(), store(), False)),
+             "bounded_remote_prefetch": statistics.mean(closed_loop(pipeline, with_loras(), store(), True))}
+    return {"requests_per_case": count, "mean_latency_s": means,
+            "added_vs_no_lora": {case: means[case] / means["no_lora"] - 1 for case in means if case != "no_lora"}}
+
+
 def diffusers_request(pipe, request: GenerationRequest, lora_file: Path | None) -> None:
     sources = [] if lora_file is None else [str(lora_file)]
     with fused_loras(pipe, sources, [lora.scale for lora in request.loras][:len(sources)]):
@@ -100,7 +182,7 @@ def main() -> None:
     components = load_components(root / "model")
     catalog = PROJECT / "build" / "lora_bench_catalog"
     shutil.rmtree(catalog, ignore_errors=True)
-    names = iter(write_catalog(catalog, components, 8 * args.rounds + 8, SIZES[args.size].lora_rank))
+    names = iter(write_catalog(catalog, components, 12 * args.rounds + 12, SIZES[args.size].lora_rank))
     reference = load_components(root / "model")  # diffusers gets its own copy of the weights
     model = torch_engines(components, args.device, torch.float32)
     local = LoraStore(catalog, model.weight_shapes, model.device, model.dtype)
@@ -120,7 +202,8 @@ def main() -> None:
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(ThrottledHandler,
                                                                                  directory=str(catalog)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    remote = LoraStore(f"http://127.0.0.1:{httpd.server_address[1]}", model.weight_shapes, model.device, model.dtype)
+    remote = LoraStore(remote_url(httpd), model.weight_shapes, model.device, model.dtype,
+                       copies_dir=PROJECT / "build" / "lora_bench_copies")
 
     def ours(mode: str, store: LoraStore, source: str):
         def run():
@@ -147,6 +230,7 @@ def main() -> None:
         for case, run in cases.items():
             samples[case].append(seconds(run))
         print(f"round {round_index + 1}/{args.rounds}:", {k: round(v[-1], 3) for k, v in samples.items()}, flush=True)
+    queued = queued_with_prefetch(pipeline, base, names, remote_url(httpd), model, args)
     httpd.shutdown()
 
     medians = {case: statistics.median(values) for case, values in samples.items()}
@@ -163,11 +247,13 @@ def main() -> None:
                              case.startswith("ours_")},
         "diffusers_added_vs_no_lora": medians["diffusers_lora_warm"] / medians["diffusers_no_lora"] - 1,
         "lora_step_applied": steps_applied,
+        "closed_loop_concurrency_2": queued,
     }
     report["added_vs_no_lora"]["diffusers_lora_warm"] = report["diffusers_added_vs_no_lora"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: report[k] for k in ("added_vs_no_lora", "remote_rate_MBps", "lora_step_applied")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("added_vs_no_lora", "remote_rate_MBps", "lora_step_applied",
+                                             "closed_loop_concurrency_2")}, indent=2))
     print(args.out)
 
 

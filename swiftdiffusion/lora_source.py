@@ -45,6 +45,10 @@ class FileCopies:
                 if not target.exists():
                     partial = target.with_suffix(".partial")
                     _download(fs, url, partial, size)
+                    fetched = partial.stat().st_size
+                    if fetched != size:
+                        partial.unlink()
+                        raise FileNotFoundError(f"{url}: fetched {fetched} of {size} bytes")
                     os.replace(partial, target)
                     self._evict(keep=target)
         with contextlib.suppress(FileNotFoundError):
@@ -73,14 +77,18 @@ class FileCopies:
 
 def _download(fs, url: str, path: Path, size: int) -> None:
     """The whole file, as one read or, when larger than a block, as concurrent range reads (fsspec's async
-    filesystems run `cat_ranges` concurrently), each written at its offset."""
+    filesystems run `cat_ranges` concurrently), each written at its offset; checked to be the file's size."""
     if size <= BLOCK_BYTES:
         path.write_bytes(fs.cat_file(url))
         return
     starts = list(range(0, size, BLOCK_BYTES))
     ends = [min(start + BLOCK_BYTES, size) for start in starts]
+    blocks = fs.cat_ranges([url] * len(starts), starts, ends)
+    if any(len(block) != end - start for block, start, end in zip(blocks, starts, ends)):
+        path.write_bytes(fs.cat_file(url))  # a server that ignores byte ranges: one plain read
+        return
     with open(path, "wb") as file:
-        for start, block in zip(starts, fs.cat_ranges([url] * len(starts), starts, ends)):
+        for start, block in zip(starts, blocks):
             os.pwrite(file.fileno(), block, start)
 
 
