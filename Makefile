@@ -9,7 +9,7 @@ CONTROLNETS ?=
 LORAS ?=
 SERVE_ARGS ?=
 
-.PHONY: setup serve demo test bench tiny export perf-analyzer clean
+.PHONY: setup serve demo test bench soak tiny export perf-analyzer clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ export: setup
 
 bench: setup
 	$(PY) perf/bench.py --out perf/results/bench
+
+# 30 minutes of open-loop load at 80% of capacity with faults injected every 5 minutes (perf/soak.py).
+soak: setup
+	$(PY) perf/soak.py --minutes 30 --window-minutes 5 --load 0.8 --out perf/results/soak
 
 clean:
 	rm -rf models artifacts
