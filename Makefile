@@ -4,6 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+SD := $(VENV)/bin/swiftdiffusion
 MODEL ?=
 CONTROLNETS ?=
 LORAS ?=
@@ -22,22 +23,22 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: setup
-	$(PY) -m swiftdiffusion.serve $(if $(MODEL),--model $(MODEL)) $(if $(CONTROLNETS),--controlnets $(CONTROLNETS)) $(if $(LORAS),--loras $(LORAS)) $(SERVE_ARGS)
+	$(SD) serve $(if $(MODEL),--model $(MODEL)) $(if $(CONTROLNETS),--controlnets $(CONTROLNETS)) $(if $(LORAS),--loras $(LORAS)) $(SERVE_ARGS)
 
 demo: setup
-	$(PY) -m swiftdiffusion.demo
+	$(SD) demo
 
 test: setup
 	$(PY) -m pytest -q -ra tests
 
 tiny: setup
-	$(PY) -m swiftdiffusion.tiny --size tiny --out models/tiny
+	$(SD) tiny --size tiny --out models/tiny
 
 export: setup
-	$(PY) export/export_onnx.py --size tiny --out artifacts/tiny
+	$(SD) export --size tiny --out artifacts/tiny
 
 bench: setup
-	$(PY) perf/bench.py --out perf/results/bench
+	$(SD) bench --out perf/results/bench
 
 # 30 minutes of open-loop load at 80% of capacity with faults injected every 5 minutes (perf/soak.py).
 soak: setup

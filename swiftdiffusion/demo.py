@@ -6,6 +6,7 @@ with a progress bar; the PNG's path is the last line printed.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -27,7 +28,9 @@ def edge_image(size: int) -> Image.Image:
     return Image.fromarray(image)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="swiftdiffusion demo", description=__doc__.splitlines()[0],
+                            epilog="example: swiftdiffusion demo").parse_args(argv)
     root = ensure_model(PROJECT / "models" / "tiny", "tiny")
     out = PROJECT / "build" / "demo"
     out.mkdir(parents=True, exist_ok=True)
@@ -37,7 +40,7 @@ def main() -> int:
     with TritonServer() as server:
         server.start(repository, free_ports(3), extra_args=SHM_ARGS, log_file=out / "server.log")
         server.wait_ready(timeout=600)
-        subprocess.run([sys.executable, str(PROJECT / "client" / "generate.py"), "--url", server.grpc_url,
+        subprocess.run([sys.executable, "-m", "swiftdiffusion", "generate", "--url", server.grpc_url,
                         "--prompt", "a lighthouse on a cliff at dusk", "--lora", "style_peft:0.8",
                         "--controlnet", f"canny:{out / 'edges.png'}:1.0", "--size", "128x128", "--steps", "12",
                         "--stream", "--out", str(out / "demo.png")], check=True, stdout=subprocess.DEVNULL)

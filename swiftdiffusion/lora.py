@@ -1,6 +1,6 @@
 """LoRA files decoded into per-layer low-rank factors, keyed by the model's weight names.
 
-Key formats are diffusers' business: `lora_state_dict` converts kohya/A1111 files, `convert_*_to_peft` brings
+Key formats are diffusers' business: `lora_state_dict` (of the pipelines' LoRA loader) converts kohya/A1111 files, `convert_*_to_peft` brings
 old diffusers and PEFT keys to one form, and `get_peft_kwargs` gives each module its alpha exactly as
 `load_lora_weights` would. What is new here is the result: instead of wrapping layers, each LoRA becomes
 `{weight name: (down, up * scale)}`, which `build_patch` concatenates across a request's LoRAs into one
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from diffusers.utils.peft_utils import get_peft_kwargs
 from peft.utils.other import get_pattern_key
@@ -144,7 +144,7 @@ def decode_lora(name: str, file: LoraFile, weight_shapes: Mapping[str, Mapping[s
 def _convert(name: str, file: LoraFile, weight_shapes) -> dict[str, tuple[dict, dict[str, float]]]:
     """component -> (its PEFT-named state dict, module -> alpha / rank), checked against the model's weights."""
     try:
-        state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(file.tensors))
+        state_dict, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(file.tensors))
     except Exception as error:  # the converters raise many types for a foreign file
         raise LoraFormatError(f"LoRA {name!r} is not a readable LoRA safetensors file ({error})") from error
     converted = {}

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import graphs
@@ -61,6 +61,10 @@ def load_components(path: str | Path, config: str | Path | None = None,
     if path.is_file():
         if config is None:
             raise ValueError(f"{path} is a single-file checkpoint: give its diffusers config folder too")
+        # Imported here: diffusers' pipeline modules import transformers' image processors, which warn in every
+        # process on a machine without torchvision although nothing here uses them.
+        from diffusers import StableDiffusionPipeline
+
         pipe = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config), local_files_only=True, safety_checker=None, requires_safety_checker=False
         )
@@ -113,7 +117,16 @@ def torch_engines(components: ModelComponents, device: str | torch.device, dtype
 
 
 def _prepare(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return cast(module, device, dtype).eval().requires_grad_(False)
+
+
+def cast(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` on `device` in `dtype`. diffusers' `ModelMixin.to` warns at every dtype cast that some modules
+    "should be kept in float32", naming none when the model keeps none in fp32 (ours: UNet, VAE, ControlNet), once
+    per process; torch's own `to` does the same cast. A model that does keep modules in fp32 goes through diffusers'."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(device=device, dtype=dtype)
+    return torch.nn.Module.to(module, device=device, dtype=dtype)
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -122,6 +135,5 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
 
 
 def load_controlnet(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Engine:
-    controlnet = ControlNetModel.from_pretrained(path, local_files_only=True)
-    controlnet.to(device=device, dtype=dtype)
+    controlnet = cast(ControlNetModel.from_pretrained(path, local_files_only=True), device, dtype)
     return TorchEngine(graphs.ControlNetResiduals(controlnet), graphs.graph_specs(controlnet.config)["controlnet"])

@@ -42,7 +42,7 @@ from .cuda_graphs import GraphedControlNetCatalog, GraphedEngine
 from .graphs import residual_names
 from .lora_store import LoraSet, LoraStore, lora_key
 from .models import LoadedModel
-from .request import GenerationRequest, Limits, RequestError, RequestStopped, StopCondition, stop_condition, validate
+from .request import GenerationRequest, Limits, RequestError, StopCondition, stop_condition, validate
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -159,7 +159,6 @@ class Pipeline:
         if embeddings is None:
             embeddings = self.encode(request)
         deadline = min(self._deadline(request) if exact_lora_step is None else exact_lora_step, request.steps - 1)
-        wait_s = 0.0
 
         scheduler = make_scheduler(request.scheduler, model.scheduler_config)
         # Timesteps stay on the host: the schedulers index their tables with them, which would sync a GPU.
@@ -178,44 +177,46 @@ class Pipeline:
                     for c in request.controlnets]
         branches = [_Branch(self.controlnets, branch, controls, request.controlnet_mode, request.steps)
                     for branch in branch_models]
-        timesteps = scheduler.timesteps
+        timesteps, wait_s = scheduler.timesteps, 0.0
         engine_timesteps = timesteps.to(model.device, torch.float32).reshape(-1, 1)
-
-        for index, t in enumerate(timesteps):
-            try:
+        try:
+            for index, t in enumerate(timesteps):
                 stop.check(index, len(timesteps))
-            except RequestStopped:
-                await self._drain(branches, parallel)
-                raise
-            if lora_job is not None and (index >= deadline or (exact_lora_step is None and lora_job.done())):
-                waited = time.perf_counter()
-                lora_set = await asyncio.wrap_future(lora_job)
-                wait_s = time.perf_counter() - waited
-                self._apply(lora_set, timings)
-                if self.applied_text_lora:
-                    embeddings = self.encode(request)
-                lora_job, lora_step = None, index
-            if parallel:
-                sample, timestep = scheduler.scale_model_input(latents, t), engine_timesteps[index]
-                uncond, cond = await asyncio.gather(*(
-                    worker.run(branch.noise({"sample": sample, "timestep": timestep,
-                                             "encoder_hidden_states": embeddings[i:i + 1]}, index))
-                    for i, (worker, branch) in enumerate(zip(self._cfg_workers, branches))))
-                uncond = uncond.to(model.device)
-            else:
-                model_input = torch.cat([latents] * 2) if guided else latents
-                model_input = scheduler.scale_model_input(model_input, t)
-                noise = await branches[0].noise({"sample": model_input, "timestep": engine_timesteps[index],
-                                                 "encoder_hidden_states": embeddings}, index)
-                uncond, cond = noise.chunk(2) if guided else (None, noise)
-            noise = uncond + request.guidance_scale * (cond - uncond) if guided else cond
-            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-            if on_step is not None:
-                on_step(index + 1, len(timesteps), time.perf_counter() - begin)
+                if lora_job is not None and (index >= deadline or (exact_lora_step is None and lora_job.done())):
+                    waited = time.perf_counter()
+                    lora_set = await asyncio.wrap_future(lora_job)
+                    wait_s = time.perf_counter() - waited
+                    self._apply(lora_set, timings)
+                    if self.applied_text_lora:
+                        embeddings = self.encode(request)
+                    lora_job, lora_step = None, index
+                if parallel:
+                    sample, timestep = scheduler.scale_model_input(latents, t), engine_timesteps[index]
+                    uncond, cond = await asyncio.gather(*(
+                        worker.run(branch.noise({"sample": sample, "timestep": timestep,
+                                                 "encoder_hidden_states": embeddings[i:i + 1]}, index))
+                        for i, (worker, branch) in enumerate(zip(self._cfg_workers, branches))))
+                    uncond = uncond.to(model.device)
+                else:
+                    model_input = torch.cat([latents] * 2) if guided else latents
+                    model_input = scheduler.scale_model_input(model_input, t)
+                    noise = await branches[0].noise({"sample": model_input, "timestep": engine_timesteps[index],
+                                                     "encoder_hidden_states": embeddings}, index)
+                    uncond, cond = noise.chunk(2) if guided else (None, noise)
+                noise = uncond + request.guidance_scale * (cond - uncond) if guided else cond
+                latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                if on_step is not None:
+                    on_step(index + 1, len(timesteps), time.perf_counter() - begin)
+        except Exception:
+            # A stopped or failed request still collects the ControlNet calls it sent: an uncollected BLS response
+            # keeps its model's instance from ever unloading.
+            await self._drain(branches, parallel)
+            raise
         return DenoiseResult(latents, lora_step, wait_s, timings)
 
     async def _drain(self, branches: list[_Branch], parallel: bool) -> None:
-        """Collects the ControlNet calls a stopped request still has in flight (each on its branch's loop)."""
+        """Collects the ControlNet calls a stopped or failed request still has in flight (each on its branch's
+        loop)."""
         if parallel:
             await asyncio.gather(*(worker.run(branch.drain()) for worker, branch in zip(self._cfg_workers, branches)))
         else:
@@ -325,6 +326,7 @@ class _Branch:
         self.mode = mode
         self.last = steps - 1
         self.held = self.waiting = None  # async mode: residuals in use, work submitted one step ago
+        self.in_flight: list = []  # ControlNet futures sent and not yet collected
 
     async def noise(self, inputs: dict, index: int) -> torch.Tensor:
         submitted = summed = None
@@ -343,22 +345,25 @@ class _Branch:
         return await self._unet_step(unet_inputs, submitted, summed)
 
     async def drain(self) -> None:
-        """Awaits and drops the residuals submitted for a step that will not run (asynchronous mode submits one
-        step ahead; the other modes await every call within its step)."""
-        waiting, self.waiting = self.waiting or [], None
-        for future, _ in waiting:
+        """Awaits and drops every ControlNet call sent and not yet collected: the next step's in asynchronous mode,
+        and the rest of a step's when one of its calls failed."""
+        pending, self.in_flight, self.waiting = self.in_flight, [], None
+        for future in pending:
             with contextlib.suppress(Exception):
                 await future
 
     def _submit(self, inputs: dict) -> list:
         """Starts every ControlNet of the request on this step's inputs."""
-        return [(self.controlnets.submit(name, {**inputs, "controlnet_cond": image}), scale)
-                for name, image, scale in self.controls]
+        submitted = [(self.controlnets.submit(name, {**inputs, "controlnet_cond": image}), scale)
+                     for name, image, scale in self.controls]
+        self.in_flight += [future for future, _ in submitted]
+        return submitted
 
     async def _summed(self, submitted: list) -> list[torch.Tensor]:
         """Awaits submitted ControlNets; their residuals scaled and summed in request order, as MultiControlNet."""
         total = None
         for future, scale in submitted:
+            self.in_flight = [f for f in self.in_flight if f is not future]
             residuals = await future
             scaled = torch._foreach_mul([residuals[name].to(self.device) for name in self.residual_names], scale)
             total = scaled if total is None else torch._foreach_add(total, scaled)

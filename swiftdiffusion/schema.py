@@ -10,7 +10,8 @@ import dataclasses
 
 import numpy as np
 
-from .request import ControlNetUse, GenerationRequest, LoraUse, RequestError
+from .request import (CONTROLNET_MODES, LORA_MODES, SCHEDULER_NAMES, ControlNetUse, GenerationRequest, LoraUse,
+                      RequestError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +21,7 @@ class TensorSpec:
     dims: tuple[int, ...]  # without the batch dimension
     optional: bool = True
     doc: str = ""
+    choices: tuple[str, ...] = ()  # the values a string field takes
 
     @property
     def numpy_type(self):
@@ -38,16 +40,17 @@ REQUEST_INPUTS = (
     TensorSpec("guidance_scale", "TYPE_FP32", (1,), doc=f"classifier-free guidance (default {DEFAULTS.guidance_scale})"),
     TensorSpec("height", "TYPE_INT32", (1,), doc=f"pixels, multiple of 8 (default {DEFAULTS.height})"),
     TensorSpec("width", "TYPE_INT32", (1,), doc=f"pixels, multiple of 8 (default {DEFAULTS.width})"),
-    TensorSpec("scheduler", "TYPE_STRING", (1,), doc=f"scheduler name (default {DEFAULTS.scheduler})"),
+    TensorSpec("scheduler", "TYPE_STRING", (1,), doc=f"scheduler name (default {DEFAULTS.scheduler})",
+               choices=SCHEDULER_NAMES),
     TensorSpec("lora_names", "TYPE_STRING", (-1,), doc="LoRA catalog names"),
     TensorSpec("lora_scales", "TYPE_FP32", (-1,), doc="one scale per LoRA (default 1.0 each)"),
-    TensorSpec("lora_mode", "TYPE_STRING", (1,), doc="`bounded` (default) or `sync`"),
+    TensorSpec("lora_mode", "TYPE_STRING", (1,), doc="`bounded` (default) or `sync`", choices=LORA_MODES),
     TensorSpec("lora_deadline", "TYPE_INT32", (1,), doc="bounded mode: latest step to patch LoRAs in"),
     TensorSpec("controlnet_names", "TYPE_STRING", (-1,), doc="ControlNet catalog names"),
     TensorSpec("controlnet_images", "TYPE_UINT8", (-1, -1, -1, 3), doc="one HxWx3 control image per ControlNet"),
     TensorSpec("controlnet_scales", "TYPE_FP32", (-1,), doc="one scale per ControlNet (default 1.0 each)"),
     TensorSpec("controlnet_mode", "TYPE_STRING", (1,), doc="`overlap` (default), `sequential` or `async` "
-                                                          "(step t uses step t-1's residuals)"),
+                                                          "(step t uses step t-1's residuals)", choices=CONTROLNET_MODES),
     TensorSpec("cfg_parallel", "TYPE_BOOL", (1,), doc="run the guidance branches concurrently as two batch-1 "
                                                       "passes (default false)"),
     TensorSpec("timeout_s", "TYPE_FP32", (1,), doc="seconds the client will wait: the server stops the request "

@@ -18,7 +18,9 @@ from .triton.repository import Deployment, write_repository
 
 PROJECT = Path(__file__).resolve().parents[1]
 # Room for ControlNet residuals between Python-backend processes (SD1.5: ~51 MiB fp32 per call).
-SHM_ARGS = ("--backend-config=python,shm-default-byte-size=16777216,shm-growth-byte-size=67108864",)
+# One setting per --backend-config flag: Triton reads a single `name=value` after the backend's name.
+SHM_ARGS = ("--backend-config=python,shm-default-byte-size=16777216",
+            "--backend-config=python,shm-growth-byte-size=67108864")
 
 
 def deployment_from_args(args: argparse.Namespace) -> Deployment:
@@ -42,7 +44,9 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="swiftdiffusion serve", description=__doc__.splitlines()[0],
+                                epilog="example: swiftdiffusion serve --model /models/sd15 --controlnets "
+                                       "/models/controlnets --loras /models/loras --device cuda --dtype float16")
     p.add_argument("--model", type=Path, help="diffusers SD1.5 folder, or a single-file .safetensors checkpoint "
                                               "(default: the built-in tiny model)")
     p.add_argument("--model-config", type=Path, help="with a single-file checkpoint: its diffusers config folder")

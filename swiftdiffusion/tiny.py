@@ -277,14 +277,16 @@ def add_controlnets(root: Path, names: tuple[str, ...], size_name: str = "tiny",
             build_controlnet(unet, SIZES[size_name]).save_pretrained(folder)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="swiftdiffusion tiny", description=__doc__.splitlines()[0],
+                                     epilog="example: swiftdiffusion tiny --size small --out models/small")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(build_model(args.out, args.size, args.seed))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -225,24 +225,35 @@ def ready(server) -> bool:
 
 @pytest.mark.parametrize("instance", ["controlnet_0_0", "denoiser_0_0", "text_encoder_0_0", "vae_decoder_0_0"])
 def test_killed_model_process_is_reloaded_and_the_server_is_not_ready_meanwhile(own_server, pipeline, instance):
-    """SIGKILL of one model's stub: Triton 2.51 neither restarts it nor stops routing to it. The supervisor sees
-    it within a second, unloads the model (`/v2/health/ready` turns 400, so a load balancer stops sending) and
-    loads it again; then the server is ready and serves the correct image from fresh processes."""
+    """SIGKILL of one model's stub while a request is in flight: Triton 2.51 neither restarts it nor stops routing
+    to it. The supervisor sees it within a second, unloads the model (`/v2/health/ready` turns 400, so a load
+    balancer stops sending) and loads it again; the old version's processes all exit (nothing of the request in
+    flight holds them), then the server is ready and serves the correct image from fresh processes."""
     request = GenerationRequest("a red house on a hill", seed=7, steps=3, height=64, width=64,
                                 controlnets=(ControlNetUse("canny", control_image(1), 1.0),))
+    busy = dataclasses.replace(request, steps=40, height=128, width=128,
+                               controlnets=(ControlNetUse("canny", control_image(1, 128, 128), 1.0),
+                                            ControlNetUse("depth", control_image(2, 128, 128), 0.5)))
     client = Client(own_server.grpc_url, timeout_s=120)
     expected = pipeline.generate(request).image
     assert max_diff(client.generate(request).image, expected) <= TOLERANCE
     model = instance.rsplit("_", 2)[0]
     before = python_stubs(own_server.pid)
+    old = {pid for pid, stub in before.items() if stub.model == model}
     reloads = len(own_server.supervisor.reloads)
-    os.kill(before[instance].pid, signal.SIGKILL)
+    grpc = grpcclient.InferenceServerClient(own_server.grpc_url)
+    answered = []
+    grpc.async_infer("text_to_image", infer_inputs(tensors_from_request(busy)),
+                     callback=lambda result, error: answered.append(error))
+    time.sleep(1.0)  # in its ControlNet calls
+    os.kill(next(pid for pid, stub in before.items() if stub.instance == instance), signal.SIGKILL)
     wait_for(lambda: not ready(own_server), timeout_s=30, poll_s=0.05)
     wait_for(lambda: len(own_server.supervisor.reloads) > reloads and ready(own_server), timeout_s=180)
     assert own_server.supervisor.reloads[-1][1] == model
-    after = python_stubs(own_server.pid)
-    fresh = {name for name, stub in after.items() if stub.model == model}
-    assert fresh == {name for name, stub in before.items() if stub.model == model}
-    assert all(after[name].pid != before[name].pid for name in fresh)
+    wait_for(lambda: not old & set(python_stubs(own_server.pid)), timeout_s=60)
+    fresh = [stub.instance for stub in python_stubs(own_server.pid).values() if stub.model == model]
+    assert sorted(fresh) == sorted(stub.instance for pid, stub in before.items() if pid in old)
     assert max_diff(client.generate(request).image, expected) <= TOLERANCE
+    wait_for(lambda: answered, timeout_s=120)  # the request in flight got an answer, whichever
     client.close()
+    grpc.close()

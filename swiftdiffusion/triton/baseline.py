@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel, PNDMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers import ControlNetModel, PNDMScheduler
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
@@ -43,6 +43,10 @@ class BaselineDiffusersModel(ModelBase):
         transformers_logging.set_verbosity_error()
         diffusers_logging.set_verbosity_error()
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        # Imported after that: the pipeline modules import transformers' image processors, which warn without
+        # torchvision although no pipeline here uses one.
+        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
         # What `from_pretrained` / `from_single_file` load, through the loader ours uses: a folder or a checkpoint.
         parts = load_components(self.params["model"], self.params.get("model_config"))
         self.pipe = StableDiffusionPipeline(

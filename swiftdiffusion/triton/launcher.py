@@ -131,10 +131,12 @@ class Stub:
     pid: int
     model: str
     instance: str
+    shm_region: str  # its shared-memory region's name under /dev/shm
 
 
-def python_stubs(server_pid: int) -> dict[str, Stub]:
-    """Instance name -> the live stub process serving it, among the server's children.
+def python_stubs(server_pid: int) -> dict[int, Stub]:
+    """Pid -> the live stub processes among the server's children (by pid: while a model reloads, an old
+    instance's stub can still be running beside its successor of the same instance name).
 
     A stub is started as `triton_python_backend_stub <repository>/<model>/<version>/model.py ... <instance> ...`;
     an exited one that the server has not reaped yet (a zombie) does not count.
@@ -151,7 +153,7 @@ def python_stubs(server_pid: int) -> dict[str, Stub]:
             continue
         model = Path(args[1].decode()).parts[-3]
         instance = next((a.decode() for a in args[2:] if a.decode().startswith(f"{model}_")), model)
-        stubs[instance] = Stub(int(pid), model, instance)
+        stubs[int(pid)] = Stub(int(pid), model, instance, args[2].decode())
     return stubs
 
 
@@ -166,32 +168,60 @@ class StubSupervisor(threading.Thread):
     ("... has no available versions") instead of meeting the dead process; an ensemble that uses the model comes
     back with it (~12 s on 2 CPU cores for the tiny model). If a reload fails `max_failures` times in a row the
     server is stopped, so that whatever supervises the process (Kubernetes) restarts it.
+
+    The old version never finishes unloading when its stub died with requests in flight (2.51 does not release
+    them): its other instances' stubs would stay alive beside their successors, holding memory, and shutdown would
+    wait its whole exit timeout. So the old version's stubs still alive `stale_after_s` after the reload are
+    killed (nothing can reach them), and the shared-memory regions of every stub seen are removed once the server
+    has exited.
     """
 
-    def __init__(self, server: TritonServer, poll_s: float = 1.0, max_failures: int = 3):
+    def __init__(self, server: TritonServer, poll_s: float = 1.0, max_failures: int = 3, stale_after_s: float = 10.0):
         super().__init__(name="stub-supervisor", daemon=True)
         self.server = server
         self.poll_s = poll_s
         self.max_failures = max_failures
+        self.stale_after_s = stale_after_s
         self.reloads: list[tuple[float, str]] = []  # (time.monotonic() when done, model)
         self.stopping = threading.Event()
-        self.known: dict[str, Stub] = {}
+        self.known: dict[int, Stub] = {}  # the stubs of the models' current versions
+        self.stale: dict[int, float] = {}  # pid of an old version's stub -> when to kill it
+        self.shm_regions: set[str] = set()
 
     def run(self) -> None:
-        self.known = python_stubs(self.server.pid)
+        self.known = self._current(python_stubs(self.server.pid))
         failures = 0
         while not self.stopping.wait(self.poll_s):
             live = python_stubs(self.server.pid)
-            lost = {stub.model for name, stub in self.known.items() if name not in live}
+            lost = {stub.model for pid, stub in self.known.items() if pid not in live}
             for model in sorted(lost):
                 if self.stopping.is_set():
                     return
-                failures = 0 if self._reload(model) else failures + 1
+                old = [pid for pid, stub in self.known.items() if stub.model == model and pid in live]
+                if self._reload(model):
+                    failures = 0
+                    self.stale.update({pid: time.monotonic() + self.stale_after_s for pid in old})
+                else:
+                    failures += 1
             if failures >= self.max_failures:
                 _say(f"reloading failed {failures} times: stopping the server")
                 self.server.process.send_signal(signal.SIGINT)
                 return
-            self.known = python_stubs(self.server.pid) if lost else live
+            self._end_stale(live)
+            self.known = self._current(python_stubs(self.server.pid) if lost else live)
+
+    def _current(self, live: dict[int, Stub]) -> dict[int, Stub]:
+        self.shm_regions.update(stub.shm_region for stub in live.values())
+        return {pid: stub for pid, stub in live.items() if pid not in self.stale}
+
+    def _end_stale(self, live: dict[int, Stub]) -> None:
+        for pid, when in list(self.stale.items()):
+            if pid not in live:
+                del self.stale[pid]
+            elif time.monotonic() >= when:
+                _say(f"ending {live[pid].instance} (pid {pid}) of an unloaded version of {live[pid].model!r}")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def _reload(self, model: str) -> bool:
         _say(f"a stub process of model {model!r} died; reloading the model")
@@ -204,6 +234,11 @@ class StubSupervisor(threading.Thread):
         self.reloads.append((time.monotonic(), model))
         _say(f"model {model!r} reloaded in {time.monotonic() - begin:.1f} s")
         return True
+
+    def remove_shm_regions(self) -> None:
+        """After the server exited: its stubs' regions that nobody removed (killed stubs leave theirs)."""
+        for name in self.shm_regions:
+            Path("/dev/shm", name).unlink(missing_ok=True)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -357,6 +392,8 @@ class TritonServer:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        if self.supervisor is not None:
+            self.supervisor.remove_shm_regions()
         if self._log is not None:
             self._log.close()
             self._log = None

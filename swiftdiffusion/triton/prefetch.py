@@ -27,6 +27,7 @@ class LoraPrefetchModel:
     def initialize(self, args: dict) -> None:
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         self.source = LoraSource(params["lora_catalog"], params.get("lora_copies") or None)
+        print(f"swiftdiffusion: lora_prefetch ready: look-ahead for the LoRAs of {params['lora_catalog']}", flush=True)
 
     def execute(self, requests):
         responses = []

@@ -21,6 +21,8 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from ..catalog import resolve
 from ..controlnets import ControlNetCatalog
@@ -37,6 +39,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 # ---- shared plumbing ------------------------------------------------------------------------------------------
+def ready(model: str, what: str) -> None:
+    """The one line a model instance writes to the server's log: ready, where, with what."""
+    print(f"swiftdiffusion: {model} ready {what}", flush=True)
+
+
 def pb_tensor(pb, name: str, value: np.ndarray | torch.Tensor):
     """A Python-backend tensor of `value`, through host memory (see README: GPU BLS)."""
     if isinstance(value, torch.Tensor):
@@ -59,10 +66,18 @@ class ModelBase:
         threads = int(self.params.get("torch_threads", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
+        # Progress bars of weight loading are noise in a server's log, once per process.
+        transformers_logging.disable_progress_bar()
+        diffusers_logging.disable_progress_bar()
         self.setup()
+        ready(args.get("model_instance_name", self.config["name"]), f"on {self.device}, {self.dtype}: {self.loaded()}")
 
     def setup(self) -> None:
         raise NotImplementedError
+
+    def loaded(self) -> str:
+        """What this instance loaded, for its ready line."""
+        return str(self.params.get("model", ""))
 
     def inputs(self, request, names) -> dict[str, np.ndarray]:
         """The request's tensors by name, without the batch dimension (always 1 here)."""
@@ -182,6 +197,9 @@ class ControlNetServiceModel(ModelBase):
         self.catalog = (GraphedControlNetCatalog(*args, channels_last=True, compile=self.compile) if gpu
                         else ControlNetCatalog(*args))
 
+    def loaded(self) -> str:
+        return f"ControlNets of {self.params['controlnet_catalog']} ({self.catalog.cache.capacity} resident at most)"
+
     def execute(self, requests):
         return [self._run(request) for request in requests]
 
@@ -255,6 +273,11 @@ class DenoiserModel(ModelBase):
                                  float(self.params.get("lora_deadline_fraction", "0.2")), cfg_model)
         self.metrics = LoraMetrics(self.pb, self.config["name"])
         self.request_metrics = RequestMetrics(self.pb, self.config["name"])
+
+    def loaded(self) -> str:
+        copy = f", a UNet copy on {self.pipeline.cfg_model.device}" if self.pipeline.cfg_model is not None else ""
+        return (f"{', '.join(self.parts)} of {self.params['model']}{copy}; LoRAs of {self.params['lora_catalog']}, "
+                f"ControlNets through model {self.params.get('controlnet_model', 'controlnet')!r}")
 
     async def execute(self, requests):
         return [await self._run(request) for request in requests]
