@@ -15,6 +15,7 @@ Everything comes from one seed, so a workload replays exactly; a trace file (CSV
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import dataclasses
 import functools
@@ -27,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from .client import infer_inputs, lora_step_of
+from .client import AsyncClient, infer_inputs, lora_step_of
 from .request import ControlNetUse, GenerationRequest, LoraUse
 from .schema import tensors_from_request
 from .tiny import control_image
@@ -206,38 +207,31 @@ def run_open_loop(url: str, model: str, entries: Sequence[TraceEntry],
 
 def run_closed_loop(url: str, model: str, entries: Sequence[TraceEntry], concurrency: int,
                     timeout_s: float = 600.0) -> tuple[list[Outcome], float]:
-    """`concurrency` clients each send their next entry when the last one returns; (outcomes, wall seconds)."""
-    inputs = [infer_inputs(tensors_from_request(to_request(e))) for e in entries]
-    pending = iter(range(len(entries)))
-    lock = threading.Lock()
-    outcomes: list[Outcome] = []
+    """`concurrency` clients each send their next entry when the last one returns; (outcomes, wall seconds).
 
-    def worker() -> None:
-        client = grpcclient.InferenceServerClient(url)
-        try:
-            while True:
-                with lock:
-                    index = next(pending, None)
-                if index is None:
-                    return
+    The clients are coroutines sharing one asyncio gRPC client; requests are built before the clock starts.
+    """
+    requests = [to_request(e) for e in entries]
+    return asyncio.run(_closed_loop(url, model, requests, concurrency, timeout_s))
+
+
+async def _closed_loop(url: str, model: str, requests: list[GenerationRequest], concurrency: int,
+                       timeout_s: float) -> tuple[list[Outcome], float]:
+    pending = iter(range(len(requests)))  # shared: each client takes the next entry
+    outcomes: list[Outcome] = []
+    async with AsyncClient(url, timeout_s=timeout_s) as client:
+        async def one_client() -> None:
+            for index in pending:
                 began = time.perf_counter()
                 try:
-                    result, error = client.infer(model, inputs[index], client_timeout=timeout_s,
-                                                 outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS]), None
+                    result = await client.generate(requests[index], model)
+                    outcomes.append(Outcome(index, time.perf_counter() - began, True, result.lora_step))
                 except Exception as failure:  # recorded as a failed request, the run goes on
-                    result, error = None, failure
-                with lock:
-                    outcomes.append(_outcome(index, began, result, error))
-        finally:
-            client.close()
+                    outcomes.append(Outcome(index, time.perf_counter() - began, False, error=str(failure)[:300]))
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sorted(outcomes, key=lambda o: o.index), time.perf_counter() - start
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        return sorted(outcomes, key=lambda o: o.index), time.perf_counter() - start
 
 
 def summarize(outcomes: Sequence[Outcome], wall_s: float) -> dict:
