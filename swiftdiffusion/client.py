@@ -81,9 +81,12 @@ def stream_message(result) -> Progress | Generated | None:
     return None
 
 
-def is_final(result) -> bool:
+def stream_step(result, error) -> tuple[Progress | Generated | None, bool]:
+    """One streamed response: (its message, whether it was the stream's last); raises the stream's error."""
+    if error is not None:
+        raise error
     final = result.get_response().parameters.get("triton_final_response")
-    return final is not None and final.bool_param
+    return stream_message(result), final is not None and final.bool_param
 
 
 def backoff_s(attempt: int, first_s: float = 0.5, max_s: float = 8.0) -> float:
@@ -157,13 +160,10 @@ class Client:
             client.async_stream_infer(STREAM_MODEL, infer_inputs(tensors_from_request(request)),
                                       enable_empty_final_response=True)
             while True:
-                result, error = responses.get(timeout=request.timeout_s)
-                if error is not None:
-                    raise error
-                message = stream_message(result)
+                message, last = stream_step(*responses.get(timeout=request.timeout_s))
                 if message is not None:
                     yield message
-                if is_final(result):
+                if last:
                     return
         finally:
             client.stop_stream(cancel_requests=True)
@@ -209,12 +209,10 @@ class AsyncClient:
         responses = self.grpc.stream_infer(sent(), stream_timeout=request.timeout_s)
         try:
             async for result, error in responses:
-                if error is not None:
-                    raise error
-                message = stream_message(result)
+                message, last = stream_step(result, error)
                 if message is not None:
                     yield message
-                if is_final(result):
+                if last:
                     return
         finally:
             responses.cancel()  # closes the stream: the server stops a request still running

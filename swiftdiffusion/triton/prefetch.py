@@ -27,7 +27,9 @@ class LoraPrefetchModel:
     def initialize(self, args: dict) -> None:
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         self.source = LoraSource(params["lora_catalog"], params.get("lora_copies") or None)
-        print(f"swiftdiffusion: lora_prefetch ready: look-ahead for the LoRAs of {params['lora_catalog']}", flush=True)
+        instance = args.get("model_instance_name", "lora_prefetch")
+        print(f"swiftdiffusion: {instance} ready on cpu: look-ahead for the LoRAs of {params['lora_catalog']}",
+              flush=True)
 
     def execute(self, requests):
         responses = []
