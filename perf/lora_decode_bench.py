@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 
 from lora_bench import ThrottledHandler
 from lora_value_check import sd15_modules, write_lora
-from measuring import evict
+from measuring import evict, seconds
 from swiftdiffusion import lora
 from swiftdiffusion.lora_store import LoraStore
 from swiftdiffusion.request import LoraUse
@@ -52,12 +52,6 @@ def previous_path(path: Path, shapes, dtype: torch.dtype) -> None:
     factors = lora.decode_lora("previous", lora.LoraFile(load_bytes(data), metadata, len(data)), shapes)
     for component in ("unet", "text_encoder"):
         lora.build_patch(component, [(factors, 0.8)], torch.device("cpu"), dtype)
-
-
-def timed(fn) -> float:
-    begin = time.perf_counter()
-    fn()
-    return time.perf_counter() - begin
 
 
 def bench_rank(rank: int, folder: Path, url: str, shapes, modules, args) -> dict:
@@ -86,8 +80,8 @@ def bench_rank(rank: int, folder: Path, url: str, shapes, modules, args) -> dict
     samples: dict[str, list] = {k: [] for k in ("load_file", "previous_path", *stores)}
     for _ in range(args.runs):
         name, path = fresh()
-        samples["load_file"].append(timed(lambda: load_file(path)))
-        samples["previous_path"].append(timed(lambda: previous_path(path, shapes, torch.float32)))
+        samples["load_file"].append(seconds(lambda: load_file(path)))
+        samples["previous_path"].append(seconds(lambda: previous_path(path, shapes, torch.float32)))
         for source_name, store in stores.items():
             name, path = fresh()
             if source_name == "cold":

@@ -16,7 +16,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from measuring import seconds
 from swiftdiffusion import lora, tiny
 from swiftdiffusion.lora_store import LoraStore
 from swiftdiffusion.request import LoraUse
@@ -52,15 +52,6 @@ def write_lora(path: Path, unet, text_encoder, rank: int, dtype: torch.dtype) ->
     save_file({k: v.to(dtype) for k, v in state.items()}, path)
 
 
-def median_s(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=64)
@@ -78,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         store.load(use)  # first use: imports, allocator
         with_check, without_check = [], []
         for _ in range(args.runs):  # interleaved, so drift hits both alike
-            with_check.append(median_s(lambda: store.load(use), 1))
+            with_check.append(seconds(lambda: store.load(use)))
             with mock.patch.object(lora, "check_values", lambda *a: None):
-                without_check.append(median_s(lambda: store.load(use), 1))
+                without_check.append(seconds(lambda: store.load(use)))
         decoded = lora.decode_lora("sd15", lora.read_lora("sd15", Path(folder) / "sd15.safetensors"), shapes)
-        check_s = median_s(lambda: [lora.check_values("sd15", c, f) for c, f in decoded.layers.items()], args.runs)
+        check_s = statistics.median(seconds(lambda: [lora.check_values("sd15", c, f) for c, f in decoded.layers.items()])
+                                    for _ in range(args.runs))
     factor_bytes = sum(t.numel() * t.element_size() for f in decoded.layers.values() for pair in f.values()
                        for t in pair)
     result = {

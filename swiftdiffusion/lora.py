@@ -28,7 +28,6 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_
 from diffusers.utils.peft_utils import get_peft_kwargs
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from .engines import LayerDelta, WeightPatch
 
@@ -54,9 +53,8 @@ class LoraFile:
 def read_lora(name: str, path: str | Path) -> LoraFile:
     """The file through safetensors' own memory-mapped loading (no bytes object, no second parse)."""
     try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-        return LoraFile(load_file(str(path)), metadata, Path(path).stat().st_size)
+        with safe_open(str(path), framework="pt") as file:  # what load_file does, keeping the metadata too
+            return LoraFile(file.get_tensors(), file.metadata() or {}, Path(path).stat().st_size)
     except Exception as error:  # the reader raises many types for a damaged file
         raise LoraFormatError(f"LoRA {name!r} is not a readable LoRA safetensors file ({error})") from error
 
@@ -322,33 +320,32 @@ class Stager:
     """Moves a patch's factors to a device with one host-to-device copy, through a pinned buffer reused across
     patches, on a stream of its own (so the copy overlaps whatever the device is computing).
 
-    One stager per loader thread: its buffer is reused once its last copy is done, which `stage` waits for.
+    One stager per store, shared by its loader threads: a patch holds the buffer from packing until its copy is
+    done (a few ms), so the buffer allocated (and pinned) at warm-up serves every later patch.
     """
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.buffer = torch.empty(0, dtype=torch.uint8)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.lock = threading.Lock()
 
     def stage(self, layers: Mapping[str, LayerDelta]) -> dict[str, LayerDelta]:
         tensors = [t for delta in layers.values() for t in (delta.up, delta.down)]
         if not tensors:
             return dict(layers)
-        dtype = tensors[0].dtype
-        total = sum(t.numel() for t in tensors)
-        host = self._host_buffer(total * tensors[0].element_size()).view(dtype)[:total]
-        torch.cat([t.reshape(-1) for t in tensors], out=host)
-        device = torch.empty(total, dtype=dtype, device=self.device)
-        if self.stream is None:
-            device.copy_(host)
-        else:
-            with torch.cuda.stream(self.stream):
-                device.copy_(host, non_blocking=True)
-            self.stream.synchronize()  # the buffer may be reused, and the patch is ready when handed over
-        views, offset = [], 0
-        for t in tensors:
-            views.append(device[offset:offset + t.numel()].view(t.shape))
-            offset += t.numel()
+        sizes = [t.numel() for t in tensors]
+        device = torch.empty(sum(sizes), dtype=tensors[0].dtype, device=self.device)
+        with self.lock:
+            host = self._host_buffer(device.numel() * device.element_size()).view(device.dtype)
+            torch.cat([t.reshape(-1) for t in tensors], out=host)
+            if self.stream is None:
+                device.copy_(host)
+            else:
+                with torch.cuda.stream(self.stream):
+                    device.copy_(host, non_blocking=True)
+                self.stream.synchronize()  # the buffer may be reused, and the patch is ready when handed over
+        views = [part.view(t.shape) for part, t in zip(device.split(sizes), tensors)]
         return {weight: LayerDelta(up=views[2 * i], down=views[2 * i + 1]) for i, weight in enumerate(layers)}
 
     def _host_buffer(self, nbytes: int) -> torch.Tensor:

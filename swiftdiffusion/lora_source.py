@@ -101,7 +101,7 @@ class LoraSource:
         self.is_local = "://" not in self.location
         self.fs = None if self.is_local else fsspec.core.url_to_fs(self.location)[0]
         self.copies = None
-        self.prefetcher: concurrent.futures.ThreadPoolExecutor | None = None
+        self.prefetcher = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-prefetch")  # lazy threads
         if not self.is_local:
             folder = copies_dir or Path(tempfile.gettempdir()) / "swiftdiffusion-lora-copies" / hashlib.sha256(
                 self.location.encode()).hexdigest()[:12]
@@ -133,8 +133,6 @@ class LoraSource:
     def prefetch(self, names: Sequence[str]) -> None:
         """Starts fetching remote files' copies (or the kernel's read-ahead of local files) in the background;
         a bad name or a failed fetch is left for the request itself to report."""
-        if self.prefetcher is None:
-            self.prefetcher = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-prefetch")
         for name in names:
             self.prefetcher.submit(_quietly, self._prefetch, name)
 

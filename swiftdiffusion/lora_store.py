@@ -104,7 +104,7 @@ class LoraStore:
         self.plans = DecodePlans()
         self.cache = DecodedCache(cache_mb << 20)
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="lora-loader")
-        self.stagers = threading.local()  # one pinned buffer per loader thread
+        self.stager = Stager(self.device) if self.device.type == "cuda" else None  # one pinned buffer
 
     def locate(self, name: str) -> str:
         return self.source.locate(name)
@@ -136,7 +136,7 @@ class LoraStore:
             bytes_read, read_s, decode_s, hits = bytes_read + nbytes, read_s + read, decode_s + decode, hits + hit
         staged = time.perf_counter()
         try:
-            patches = {component: build_patch(component, decoded, self.device, self.dtype, self._stager())
+            patches = {component: build_patch(component, decoded, self.device, self.dtype, self.stager)
                        for component in ("unet", "text_encoder")}
         except LoraFormatError as error:
             raise RequestError("lora_names", str(error)) from error
@@ -165,20 +165,12 @@ class LoraStore:
             return
         text = {"text_model." + k.removeprefix("text_model."): v for k, v in first(
             "text_encoder", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")).items()}
-        targets = {"unet": unet}
         generator = torch.Generator().manual_seed(0)
-        state = lora_state_dict(random_lora_factors(targets["unet"], 1, generator),
+        state = lora_state_dict(random_lora_factors(unet, 1, generator),
                                 random_lora_factors(text, 1, generator), "kohya", 1.0, set())
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"warm{SUFFIX}"
             save_file(state, path)
             factors = decode_lora("warm", read_lora("warm", path), self.weight_shapes, DecodePlans())
         for component in ("unet", "text_encoder"):
-            build_patch(component, [(factors, 0.5)], self.device, self.dtype, self._stager())
-
-    def _stager(self) -> Stager | None:
-        if self.device.type != "cuda":
-            return None
-        if not hasattr(self.stagers, "stager"):
-            self.stagers.stager = Stager(self.device)
-        return self.stagers.stager
+            build_patch(component, [(factors, 0.5)], self.device, self.dtype, self.stager)
