@@ -64,17 +64,13 @@ class DecodedCache:
         self.budget_bytes = budget_bytes
         self.entries: collections.OrderedDict[tuple, LoraFactors] = collections.OrderedDict()
         self.bytes = 0
-        self.hits = self.misses = 0
         self.lock = threading.Lock()
 
     def get(self, key: tuple) -> LoraFactors | None:
         with self.lock:
             found = self.entries.get(key)
-            if found is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-            self.entries.move_to_end(key)
+            if found is not None:
+                self.entries.move_to_end(key)
             return found
 
     def put(self, key: tuple, factors: LoraFactors) -> None:
