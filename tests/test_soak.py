@@ -84,3 +84,42 @@ def test_a_replaced_stub_stays_stale_after_its_replacement_died(monkeypatch, tmp
     assert soak.stub_processes(tmp_path)["controlnet_0_1"] == 20
     alive.remove(("controlnet_0_1", 20, 200))  # the new one killed
     assert soak.stale_stubs(tmp_path, superseded) == {"controlnet_0_1": [10]}
+
+
+class _RefusingServer:
+    """A gRPC client stand-in that refuses the first `refusals` sends with a full queue, then fails with `last`."""
+
+    def __init__(self, refusals: int, last: Exception | None = None):
+        self.refusals, self.last, self.sent = refusals, last, 0
+
+    def async_infer(self, model, inputs, callback, outputs, client_timeout):
+        self.sent += 1
+        if self.sent <= self.refusals:
+            callback(result=None, error=soak.InferenceServerException(
+                "[request id: <id_unknown>] Exceeds maximum queue size", status=soak.UNAVAILABLE))
+        else:
+            callback(result=None, error=self.last)
+
+
+def _sender(grpc):
+    sender = object.__new__(soak.Soak)
+    sender.grpc, sender.args, sender.t0 = grpc, SimpleNamespace(request_timeout=5.0), 0.0
+    sender.lock = soak.threading.Lock()
+    sender.settled, sender.pending, sender.results = soak.threading.Condition(sender.lock), 0, []
+    return sender
+
+
+@pytest.mark.parametrize("refusals, retries, resent, final_status", [
+    (2, 6, 2, "StatusCode.INTERNAL"),  # resent twice, then the server's real answer stands
+    (9, 3, 3, soak.UNAVAILABLE),  # still refused after its retries: the refusal is the answer
+    (1, 0, 0, soak.UNAVAILABLE),  # a burst request is never resent
+])
+def test_open_loop_resends_queue_full_refusals_with_backoff(monkeypatch, refusals, retries, resent, final_status):
+    monkeypatch.setattr(soak, "backoff_s", lambda attempt: 0.001 * (attempt + 1))
+    grpc = _RefusingServer(refusals, soak.InferenceServerException("boom", status="StatusCode.INTERNAL"))
+    sender = _sender(grpc)
+    record = soak.Result("load", 0, 0.0)
+    sender.send(record, soak.small_request(0, 64, 2), retries=retries)
+    assert sender.wait_settled(5.0)
+    assert (record.refusals, record.status, grpc.sent) == (resent, final_status, resent + 1)
+    assert not record.ok and sender.results == [record]
