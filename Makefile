@@ -10,7 +10,7 @@ CONTROLNETS ?=
 LORAS ?=
 SERVE_ARGS ?=
 
-.PHONY: setup serve demo test bench soak tiny export perf-analyzer clean
+.PHONY: setup serve demo test bench soak gpu-check tiny export perf-analyzer clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,12 @@ bench: setup
 # 30 minutes of open-loop load at 80% of capacity with faults injected every 5 minutes (perf/soak.py).
 soak: setup
 	$(PY) perf/soak.py --minutes 30 --window-minutes 5 --load 0.8 --out perf/results/soak
+
+# Which path can carry ControlNet residuals between Triton's model processes on this machine, with which server
+# settings (perf/triton_gpu_check.py; GPU cases are recorded as skipped without a GPU). Its JSON feeds
+# `swiftdiffusion serve --gpu-check perf/results/triton_gpu_check/triton_gpu_check.json`.
+gpu-check: setup
+	$(PY) perf/triton_gpu_check.py --out perf/results/triton_gpu_check
 
 clean:
 	rm -rf models artifacts

@@ -13,14 +13,11 @@ from pathlib import Path
 
 from .request import Limits
 from .tiny import ensure_model
+from .triton.gpu_settings import SHM_ARGS, read_gpu_check
 from .triton.launcher import Ports, run_foreground
 from .triton.repository import Deployment, write_repository
 
 PROJECT = Path(__file__).resolve().parents[1]
-# Room for ControlNet residuals between Python-backend processes (SD1.5: ~51 MiB fp32 per call).
-# One setting per --backend-config flag: Triton reads a single `name=value` after the backend's name.
-SHM_ARGS = ("--backend-config=python,shm-default-byte-size=16777216",
-            "--backend-config=python,shm-growth-byte-size=67108864")
 
 
 def deployment_from_args(args: argparse.Namespace) -> Deployment:
@@ -73,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
                    help="folder for local copies of a remote LoRA catalog (default: under the temporary directory)")
     p.add_argument("--max-queue", type=int, default=Deployment.max_queue,
                    help="requests that may wait per denoising model; beyond it UNAVAILABLE at once (0: unbounded)")
+    p.add_argument("--gpu-check", type=Path,
+                   help="with --device cuda: the JSON of perf/triton_gpu_check.py run on this machine; the server "
+                        "settings and ControlNet residual path it found to work (default: the documented defaults)")
     p.add_argument("--repository", type=Path, default=PROJECT / "build" / "model_repository")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--ports", type=int, nargs=3, default=list(Ports()), metavar=("HTTP", "GRPC", "METRICS"))
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model repository: {repository}", flush=True)
     if args.write_only:
         return 0
-    return run_foreground(repository, Ports(*args.ports), args.host, SHM_ARGS)
+    gpu_check = read_gpu_check(args.gpu_check) if args.gpu_check else None
+    return run_foreground(repository, Ports(*args.ports), args.host, SHM_ARGS, gpu_check=gpu_check)
 
 
 if __name__ == "__main__":

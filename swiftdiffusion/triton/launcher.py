@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 import urllib.error
@@ -24,7 +25,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, NamedTuple, Sequence
+from typing import IO, Any, Mapping, NamedTuple, Sequence
+
+from .gpu_settings import GpuSettings, deployment_gpus, driver_link_target, library_search_dirs, link_libcuda, \
+    merge_backend_config
 
 CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
 
@@ -265,6 +269,8 @@ class TritonServer:
         self._log: IO[bytes] | None = None
         self.supervisor: StubSupervisor | None = None
         self.model_control_mode = "explicit"
+        self.gpu_settings: GpuSettings | None = None  # applied to the running server (GPU deployments only)
+        self.library_dir: Path | None = None  # our libcuda.so link's folder, removed at stop
 
     @property
     def pid(self) -> int:
@@ -318,19 +324,27 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         log_file: str | Path | None = None,
         model_control_mode: str = "explicit",
+        gpu_check: Mapping[str, Any] | None = None,
+        gpus: Sequence[int] | None = None,
     ) -> None:
         """Launch the server without waiting for it; output goes to ``log_file``, or to our console if None.
 
         Explicit model control (every model loaded at start unless ``extra_args`` name some) lets the
         orchestrator reload a model whose Python stub died, which Triton does not restart by itself.
+        A GPU deployment (``gpus``, else the ids in the repository's deployment.json) gets the settings of
+        `gpu_settings.GpuSettings`, from ``gpu_check`` (a ``perf/triton_gpu_check.py`` verdict) or the defaults.
         """
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError(f"tritonserver already running (pid {self.process.pid})")
         self.ports, self.host, self.model_control_mode = Ports(*ports), host, model_control_mode
         self.log_file = Path(log_file) if log_file is not None else None
         self._log = self.log_file.open("wb") if self.log_file is not None else None
-        cmd = self.command(Path(model_repository).resolve(), model_control_mode, extra_args)
+        repository = Path(model_repository).resolve()
         env = self.install.environ()
+        gpus = deployment_gpus(repository) if gpus is None else tuple(gpus)
+        if gpus:
+            extra_args = self._apply_gpu_settings(GpuSettings.from_check(gpus, gpu_check), extra_args, env)
+        cmd = self.command(repository, model_control_mode, extra_args)
         # Every model instance is a process with its own OpenMP pool. Spinning idle pools (OpenMP's default wait
         # policy) take the cores from the one instance that computes: on 2 cores a 4-step request went from
         # 1.9 s to 0.19 s with passive waiting.
@@ -338,6 +352,21 @@ class TritonServer:
         self.process = subprocess.Popen(
             cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+    def _apply_gpu_settings(self, settings: GpuSettings, extra_args: Sequence[str], env: dict[str, str]) -> list[str]:
+        """Updates ``env`` (the libcuda.so link first on LD_LIBRARY_PATH) and returns the server's extra arguments
+        with the GPU settings; says in one line which residual path is in use."""
+        self.gpu_settings = settings
+        driver, note = None, "no libcuda.so link (the device check did without it)"
+        if settings.libcuda_link:
+            driver, note = driver_link_target(library_search_dirs(env.get("LD_LIBRARY_PATH", "")))
+        if driver is not None:
+            self.library_dir = link_libcuda(Path(tempfile.mkdtemp(prefix="swiftdiffusion-libcuda-")), driver)
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.library_dir),
+                                                                   env.get("LD_LIBRARY_PATH")]))
+            note += f" in {self.library_dir}"
+        _say(settings.describe(note))
+        return merge_backend_config(extra_args, settings.server_args())
 
     def wait_ready(self, timeout: float = 300.0, supervise: bool = True) -> None:
         """Poll ``/v2/health/ready`` until every model is loaded; raise at once, with the log's end, if it exits.
@@ -381,6 +410,7 @@ class TritonServer:
         """
         process = self.process
         if process is None:
+            self._remove_library_dir()
             return None
         if self.supervisor is not None:
             self.supervisor.stop()  # shutting down ends every stub: nothing to reload
@@ -397,7 +427,14 @@ class TritonServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+        self._remove_library_dir()
         return process.returncode
+
+    def _remove_library_dir(self) -> None:
+        """Once no stub can start any more (a reloaded model's stub opens libcuda.so again)."""
+        if self.library_dir is not None:
+            shutil.rmtree(self.library_dir, ignore_errors=True)
+            self.library_dir = None
 
     def __enter__(self) -> TritonServer:
         return self
@@ -419,16 +456,17 @@ def run_foreground(
     host: str = "127.0.0.1",
     extra_args: Sequence[str] = (),
     model_control_mode: str = "explicit",
+    gpu_check: Mapping[str, Any] | None = None,
 ) -> int:
     """Run the server until it exits, its output on our console; return a shell-style exit code (for ``make serve``).
 
     The server sits in its own process group, so Ctrl-C and SIGTERM are forwarded to it as SIGINT (graceful
-    shutdown); a second signal kills its group at once.
+    shutdown); a second signal kills its group at once. ``gpu_check``: see `TritonServer.start`.
     """
     server = TritonServer()
     previous: dict[int, Any] = {}
     try:
-        server.start(model_repository, ports, host, extra_args, None, model_control_mode)
+        server.start(model_repository, ports, host, extra_args, None, model_control_mode, gpu_check)
         process = server.process
         assert process is not None
         threading.Thread(target=_announce_ready, args=(server,), daemon=True).start()
