@@ -30,13 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextModel
 
+from swiftdiffusion.models import load_components
 from swiftdiffusion.serve import SHM_ARGS
-from swiftdiffusion.tiny import (LORA_FORMATS, SIZES, TEXT_LORA_SUFFIXES, UNET_LORA_SUFFIXES, add_controlnets,
-                                 ensure_model, lora_state_dict, lora_targets, random_lora_factors)
+from swiftdiffusion.tiny import (LORA_FORMATS, SIZE_NAMES, SIZES, add_controlnets, ensure_model, model_lora_targets,
+                                 random_lora)
 from swiftdiffusion.triton.launcher import TritonServer, free_ports
 from swiftdiffusion.triton.repository import Deployment, write_repository
 from swiftdiffusion.workload import (TraceEntry, catalog_names, generate, mix, read_trace, run_closed_loop,
@@ -57,40 +56,34 @@ CRITICAL = {"ours": ("wait", "patch", "restore"), "baseline": ("load_fuse_unfuse
 
 
 # ---- catalogs -------------------------------------------------------------------------------------------------
-def prepare(root: Path, size: str, lora_count: int, seed: int = 0) -> tuple[Path, Path, Path]:
+def prepare(root: Path, size: str, lora_count: int, seed: int = 0, family: str = "sd15") -> tuple[Path, Path, Path]:
     """The model, a ControlNet catalog with two more ControlNets, a catalog of `lora_count` LoRAs (built once)
     plus the model's three named ones."""
-    ensure_model(root, size, seed)
+    ensure_model(root, size, seed, family)
     model, controlnets, loras = root / "model", root / "controlnets", root / "lora_catalog"
-    add_controlnets(root, EXTRA_CONTROLNETS, size, seed)
+    add_controlnets(root, EXTRA_CONTROLNETS, size, seed, family)
     if len(list(loras.glob("lora_*.safetensors"))) != lora_count:
-        write_lora_catalog(loras, UNet2DConditionModel.from_pretrained(model / "unet"),
-                           CLIPTextModel.from_pretrained(model / "text_encoder"), SIZES[size].lora_rank, lora_count,
-                           seed)
+        write_lora_catalog(loras, load_components(model, parts=("text", "unet")).lora_modules(),
+                           SIZES[family][size].lora_rank, lora_count, seed)
     for builtin in (root / "loras").glob("*.safetensors"):  # the names perf/inputs (perf_analyzer) ask for
         shutil.copy(builtin, loras / builtin.name)
     return model, controlnets, loras
 
 
-def write_lora_catalog(out: Path, unet, text_encoder, rank: int, count: int, seed: int) -> None:
-    """`lora_000..`: random LoRAs in the three real key formats in turn, as `tiny.write_loras` writes its three."""
+def write_lora_catalog(out: Path, modules: dict, rank: int, count: int, seed: int) -> None:
+    """`lora_000..`: random LoRAs (UNet and text encoders: component -> module) in the three real key formats in
+    turn, as `tiny.write_loras` writes its three."""
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.safetensors"):
         stale.unlink()
-    unet_targets = lora_targets(unet, UNET_LORA_SUFFIXES)
-    text_targets = {"text_model." + name.removeprefix("text_model."): shape
-                    for name, shape in lora_targets(text_encoder, TEXT_LORA_SUFFIXES).items()}
-    unet_convs = {name for name, module in unet.named_modules()
-                  if name in unet_targets and isinstance(module, torch.nn.Conv2d)}
     formats = sorted(set(LORA_FORMATS.values()))
     for index in range(count):
         key_format = formats[index % len(formats)]
         generator = torch.Generator().manual_seed(seed * 1_000_000 + index)
-        unet_factors = random_lora_factors(unet_targets, rank, generator)
-        text_factors = random_lora_factors(text_targets, rank, generator) if key_format != "diffusers" else {}
+        targets = model_lora_targets({c: m for c, m in modules.items() if c == "unet" or key_format != "diffusers"})
         alpha = rank / 2 if key_format == "kohya" else rank
-        save_file(lora_state_dict(unet_factors, text_factors, key_format, alpha, unet_convs),
-                  out / f"lora_{index:03d}.safetensors", metadata={"format": "pt"})
+        save_file(random_lora(targets, rank, generator, key_format, alpha), out / f"lora_{index:03d}.safetensors",
+                  metadata={"format": "pt"})
 
 
 # ---- LoRA time from the metrics endpoint ----------------------------------------------------------------------
@@ -326,7 +319,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnets", type=Path, help="with --url: the server's ControlNet catalog folder")
     p.add_argument("--loras", type=Path, help="with --url: the server's LoRA catalog folder")
     p.add_argument("--models", type=Path, default=PROJECT / "models" / "small", help="model root to build/use")
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--size", choices=SIZE_NAMES, default="small")
     p.add_argument("--lora-count", type=int, default=200, help="LoRAs in the generated catalog")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads per model instance; 1 on 2 cores: ours runs up to 3 instances at once "

@@ -58,7 +58,7 @@ from swiftdiffusion.models import load_model
 from swiftdiffusion.pipeline import Pipeline
 from swiftdiffusion.request import ControlNetUse, GenerationRequest
 from swiftdiffusion.serve import SHM_ARGS
-from swiftdiffusion.tiny import SIZES, add_controlnets, control_image, ensure_model
+from swiftdiffusion.tiny import SIZE_NAMES, add_controlnets, control_image, ensure_model
 from swiftdiffusion.triton.launcher import TritonServer, free_ports
 from swiftdiffusion.triton.repository import Deployment, write_repository
 
@@ -373,14 +373,14 @@ def chart(report: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=sorted(SIZES))
+    parser.add_argument("--size", default="small", choices=SIZE_NAMES)
     parser.add_argument("--root", type=Path, default=None, help="model folder (default models/<size>)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5, help="calls per graph for the in-process timings")
     parser.add_argument("--batching-calls", type=int, default=4, help="calls per client in the batching test")
-    parser.add_argument("--effect-sizes", nargs="*", default=["tiny", "small"], choices=sorted(SIZES),
+    parser.add_argument("--effect-sizes", nargs="*", default=["tiny", "small"], choices=SIZE_NAMES,
                         help="models on which to measure the asynchronous mode's effect on the image")
     parser.add_argument("--effect-steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=PROJECT / "perf" / "results" / "controlnet_bench.json")

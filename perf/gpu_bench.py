@@ -341,7 +341,7 @@ class Ours:
         residuals."""
         timings = Timings(settings.cuda)
         timed = dataclasses.replace(model, engines={n: TimedEngine(e, n, timings) for n, e in model.engines.items()})
-        store = LoraStore(root / "loras", model.weight_shapes, model.device, model.dtype)
+        store = LoraStore(root / "loras", model.lora_target, model.device, model.dtype)
         return cls(Pipeline(timed, TimedControlNets(catalog, timings, overlap), store), store, timings, model,
                    catalog, controlnet_mode)
 
@@ -539,7 +539,7 @@ def cfg_parallel_probe(root: Path, ours: dict[str, Ours], settings: Settings) ->
     model = ours["graphed"].model
     copy = graph_engines(torch_engines(load_components(root / "model", parts=("unet",)), settings.device,
                                        settings.dtype), channels_last=settings.cuda)
-    pipeline = Pipeline(model, None, LoraStore(root / "loras", model.weight_shapes, model.device, model.dtype),
+    pipeline = Pipeline(model, None, LoraStore(root / "loras", model.lora_target, model.device, model.dtype),
                         cfg_model=copy)
     result: dict = {"tolerance": TOLERANCE}
     images = {}

@@ -40,10 +40,10 @@ from measuring import evict, seconds
 from swiftdiffusion.diffusers_baseline import call_kwargs, fused_loras
 from swiftdiffusion.lora_store import LoraStore
 from swiftdiffusion.models import load_components, torch_engines
-from swiftdiffusion.pipeline import SCHEDULERS, Pipeline
+from swiftdiffusion.pipeline import Pipeline
+from swiftdiffusion.schedulers import make_scheduler
 from swiftdiffusion.request import GenerationRequest, LoraUse
-from swiftdiffusion.tiny import (SIZES, TEXT_LORA_SUFFIXES, UNET_LORA_SUFFIXES, ensure_model,
-                                 lora_state_dict, lora_targets, random_lora_factors)
+from swiftdiffusion.tiny import SIZE_NAMES, SIZES, ensure_model, model_lora_targets, random_lora
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -87,14 +87,10 @@ class ThrottledHandler(http.server.SimpleHTTPRequestHandler):
 def write_catalog(folder: Path, components, count: int, rank: int) -> list[str]:
     """`count` distinct kohya-format LoRAs (UNet and text-encoder layers): every request gets a new one."""
     folder.mkdir(parents=True, exist_ok=True)
-    unet_targets = lora_targets(components.unet, UNET_LORA_SUFFIXES)
-    text_targets = {"text_model." + k: v for k, v in lora_targets(components.text_encoder, TEXT_LORA_SUFFIXES).items()}
-    convs = {n for n, m in components.unet.named_modules() if n in unet_targets and isinstance(m, torch.nn.Conv2d)}
+    targets = model_lora_targets(components.lora_modules())
     names = []
     for index in range(count):
-        generator = torch.Generator().manual_seed(10_000 + index)
-        tensors = lora_state_dict(random_lora_factors(unet_targets, rank, generator),
-                                  random_lora_factors(text_targets, rank, generator), "kohya", rank, convs)
+        tensors = random_lora(targets, rank, torch.Generator().manual_seed(10_000 + index), "kohya", rank)
         names.append(f"bench_{index:03d}")
         save_file(tensors, folder / f"{names[-1]}.safetensors")
     return names
@@ -151,7 +147,7 @@ def queued_with_prefetch(pipeline: Pipeline, base: GenerationRequest, names, url
     def store() -> LoraStore:
         copies = PROJECT / "build" / "lora_bench_copies"
         shutil.rmtree(copies, ignore_errors=True)
-        return LoraStore(url, model.weight_shapes, model.device, model.dtype, copies_dir=copies)
+        return LoraStore(url, model.lora_target, model.device, model.dtype, copies_dir=copies)
 
     means = {"no_lora": statistics.mean(closed_loop(pipeline, plain, None, False)),
              "bounded_remote": statistics.mean(closed_loop(pipeline, with_loras(), store(), False)),
@@ -168,7 +164,7 @@ def diffusers_request(pipe, request: GenerationRequest, lora_file: Path | None) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=sorted(SIZES))
+    parser.add_argument("--size", default="small", choices=SIZE_NAMES)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
@@ -182,15 +178,13 @@ def main() -> None:
     components = load_components(root / "model")
     catalog = PROJECT / "build" / "lora_bench_catalog"
     shutil.rmtree(catalog, ignore_errors=True)
-    names = iter(write_catalog(catalog, components, 12 * args.rounds + 12, SIZES[args.size].lora_rank))
+    names = iter(write_catalog(catalog, components, 12 * args.rounds + 12, SIZES["sd15"][args.size].lora_rank))
     reference = load_components(root / "model")  # diffusers gets its own copy of the weights
     model = torch_engines(components, args.device, torch.float32)
-    local = LoraStore(catalog, model.weight_shapes, model.device, model.dtype)
+    local = LoraStore(catalog, model.lora_target, model.device, model.dtype)
     pipeline = Pipeline(model, loras=local)
-    pipe = StableDiffusionPipeline(vae=reference.vae, text_encoder=reference.text_encoder, unet=reference.unet,
-                                   tokenizer=reference.tokenizer,
-                                   scheduler=SCHEDULERS["ddim"].from_config(reference.scheduler_config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(**reference.pipeline_parts(),
+                                   scheduler=make_scheduler("ddim", reference.scheduler_config, 0))
     pipe.set_progress_bar_config(disable=True)
     base = GenerationRequest("a castle in the clouds", negative_prompt="blurry", seed=1, steps=args.steps,
                              height=args.resolution, width=args.resolution)
@@ -202,7 +196,7 @@ def main() -> None:
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(ThrottledHandler,
                                                                                  directory=str(catalog)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    remote = LoraStore(remote_url(httpd), model.weight_shapes, model.device, model.dtype,
+    remote = LoraStore(remote_url(httpd), model.lora_target, model.device, model.dtype,
                        copies_dir=PROJECT / "build" / "lora_bench_copies")
 
     def ours(mode: str, store: LoraStore, source: str):

@@ -37,7 +37,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 
 from lora_bench import ThrottledHandler
-from lora_value_check import sd15_modules, write_lora
+from lora_value_check import lora_target, sd15_modules, write_lora
 from measuring import evict, seconds
 from swiftdiffusion import lora
 from swiftdiffusion.lora_store import LoraStore
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     modules = sd15_modules()
-    shapes = {"unet": lora.weight_shapes(modules[0]), "text_encoder": lora.weight_shapes(modules[1])}
+    shapes = lora_target(*modules)
     ThrottledHandler.rate = args.rate * 1e6
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parents[1] / "build") as tmp:
         folder = Path(tmp)

@@ -24,11 +24,11 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from measuring import seconds
-from swiftdiffusion import lora, tiny
+from swiftdiffusion import family, lora, tiny
 from swiftdiffusion.lora_store import LoraStore
 from swiftdiffusion.request import LoraUse
 
-SD15 = tiny.ModelSize(unet_channels=(320, 640, 1280, 1280), norm_groups=32, text_width=768, text_layers=12,
+SD15 = tiny.ModelSize(unet_channels=(320, 640, 1280, 1280), norm_groups=32, text_widths=(768,), text_layers=(12,),
                       vae_channels=(128, 256, 512, 512), vae_layers=2, controlnet_embedding=(16, 32, 96, 256),
                       lora_rank=64)
 
@@ -42,14 +42,14 @@ def sd15_modules() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def write_lora(path: Path, unet, text_encoder, rank: int, dtype: torch.dtype) -> None:
-    generator = torch.Generator().manual_seed(0)
-    unet_targets = tiny.lora_targets(unet, tiny.UNET_LORA_SUFFIXES)
-    text_targets = {"text_model." + n.removeprefix("text_model."): s
-                    for n, s in tiny.lora_targets(text_encoder, tiny.TEXT_LORA_SUFFIXES).items()}
-    convs = {n for n, m in unet.named_modules() if n in unet_targets and isinstance(m, torch.nn.Conv2d)}
-    state = tiny.lora_state_dict(tiny.random_lora_factors(unet_targets, rank, generator),
-                                 tiny.random_lora_factors(text_targets, rank, generator), "kohya", rank / 2, convs)
+    targets = tiny.model_lora_targets({"unet": unet, "text_encoder": text_encoder})
+    state = tiny.random_lora(targets, rank, torch.Generator().manual_seed(0), "kohya", rank / 2)
     save_file({k: v.to(dtype) for k, v in state.items()}, path)
+
+
+def lora_target(unet, text_encoder) -> lora.LoraTarget:
+    return lora.LoraTarget(family.SD15, unet.config, {"unet": lora.weight_shapes(unet),
+                                                      "text_encoder": lora.weight_shapes(text_encoder)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     unet, text_encoder = sd15_modules()
-    shapes = {"unet": lora.weight_shapes(unet), "text_encoder": lora.weight_shapes(text_encoder)}
+    shapes = lora_target(unet, text_encoder)
     with tempfile.TemporaryDirectory() as folder:
         write_lora(Path(folder) / "sd15.safetensors", unet, text_encoder, args.rank, getattr(torch, args.file_dtype))
         size = (Path(folder) / "sd15.safetensors").stat().st_size

@@ -81,7 +81,7 @@ def main() -> None:
         client.close()
     model = load_model(root / "model")
     pipeline = Pipeline(model, LocalControlNets(ControlNetCatalog(root / "controlnets")),
-                        LoraStore(root / "loras", model.weight_shapes, model.device, model.dtype))
+                        LoraStore(root / "loras", model.lora_target, model.device, model.dtype))
     local = {}
     for name, request in requests.items():
         pipeline.generate(request)

@@ -65,7 +65,7 @@ from swiftdiffusion.client import MODEL, Client, Generated, Progress, backoff_s,
 from swiftdiffusion.request import GenerationRequest, LoraUse
 from swiftdiffusion.schema import tensors_from_request
 from swiftdiffusion.serve import SHM_ARGS
-from swiftdiffusion.tiny import SIZES, ensure_model
+from swiftdiffusion.tiny import SIZE_NAMES, SIZES, ensure_model
 from swiftdiffusion.workload import PROMPTS, TraceEntry, generate, mix, to_request
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -108,12 +108,10 @@ def prepare(root: Path, size: str, lora_count: int, seed: int = 0) -> tuple[Path
     model, controlnets, loras = root / "model", root / "controlnets", root / LORA_FOLDER
     names = [f"lora_{i:03d}" for i in range(lora_count)]
     if sorted(p.stem for p in loras.glob("lora_*.safetensors")) != names:
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
+        from swiftdiffusion.models import load_components
 
-        write_lora_catalog(loras, UNet2DConditionModel.from_pretrained(model / "unet"),
-                           CLIPTextModel.from_pretrained(model / "text_encoder"), SIZES[size].lora_rank, lora_count,
-                           seed)
+        write_lora_catalog(loras, load_components(model, parts=("text", "unet")).lora_modules(),
+                           SIZES["sd15"][size].lora_rank, lora_count, seed)
     return model, controlnets, loras, names
 
 
@@ -824,7 +822,7 @@ def spot_checks(soak: Soak, model: Path, controlnets: Path, loras: Path) -> list
     try:
         loaded = load_model(model)
         pipeline = Pipeline(loaded, LocalControlNets(ControlNetCatalog(controlnets)),
-                            LoraStore(loras, loaded.weight_shapes, loaded.device, loaded.dtype))
+                            LoraStore(loras, loaded.lora_target, loaded.device, loaded.dtype))
         checks = []
         for index in chosen:
             request, served, lora_step = soak.kept[index]
@@ -895,7 +893,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=PROJECT / "perf" / "results" / "soak")
     p.add_argument("--work", type=Path, help="model repository and server log (default: build/soak)")
     p.add_argument("--models", type=Path, default=PROJECT / "models" / "tiny", help="model root to build/use")
-    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--size", choices=SIZE_NAMES, default="tiny")
     p.add_argument("--lora-count", type=int, default=200)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--steps", type=int, default=6)

@@ -8,6 +8,7 @@ work to the ControlNet model with asynchronous BLS, so it computes while the UNe
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Awaitable, Mapping, Protocol
 
@@ -15,7 +16,9 @@ import torch
 
 from .catalog import LruCache, resolve
 from .engines import Engine
+from .family import ModelFamily, family_of
 from .models import load_controlnet
+from .request import RequestError
 
 
 class ControlNetRunner(Protocol):
@@ -26,18 +29,35 @@ class ControlNetRunner(Protocol):
         """Raises RequestError if `name` is not in the catalog."""
 
 
+def controlnet_folder(root: Path, name: str, family: ModelFamily | None) -> Path:
+    """The catalog folder of ControlNet `name`; RequestError naming `controlnet_names` if there is none, or if it is
+    a ControlNet of another family than the model's (read from its config, before anything is loaded)."""
+    path = resolve(root, name, "", "controlnet_names")
+    if family is not None:
+        try:
+            own = family_of(json.loads((path / "config.json").read_text()))
+        except (OSError, ValueError) as error:
+            raise RequestError("controlnet_names", f"ControlNet {name!r} has no readable config ({error})") from error
+        if own is not family:
+            raise RequestError("controlnet_names", f"ControlNet {name!r} is an {own.name} ControlNet; this model is "
+                                                   f"{family.name}")
+    return path
+
+
 class ControlNetCatalog:
-    """ControlNet folders under `root`, the `capacity` most recently used kept loaded."""
+    """ControlNet folders under `root`, the `capacity` most recently used kept loaded; with `family`, only
+    ControlNets of that family are served."""
 
     def __init__(self, root: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 capacity: int = 4):
+                 capacity: int = 4, family: ModelFamily | None = None):
         self.root = Path(root)
         self.device = device
         self.dtype = dtype
+        self.family = family
         self.cache: LruCache[Engine] = LruCache(capacity, self._load)
 
     def path(self, name: str) -> Path:
-        return resolve(self.root, name, "", "controlnet_names")
+        return controlnet_folder(self.root, name, self.family)
 
     def _load(self, name: str) -> Engine:
         return load_controlnet(self.path(name), self.device, self.dtype)

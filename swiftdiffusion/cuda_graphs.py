@@ -39,7 +39,7 @@ from .models import LoadedModel
 log = logging.getLogger(__name__)
 
 # The engines of a model worth graphing: every one the pipeline calls on the GPU.
-GRAPHED = ("text_encoder", "unet", "unet_encoder", "unet_decoder", "vae_decoder")
+GRAPHED = ("text_encoder", "text_encoder_2", "unet", "unet_encoder", "unet_decoder", "vae_decoder")
 # The ones called every denoising step, where compilation time pays back; the text encoder and VAE run once.
 COMPILED = ("unet", "unet_encoder", "unet_decoder")
 
@@ -167,9 +167,9 @@ def graph_engines(model: LoadedModel, channels_last: bool = False, compile: bool
 class GraphedControlNetCatalog(ControlNetCatalog):
     """A ControlNet catalog whose engines replay CUDA graphs (eagerly on CPU), returning copies of the residuals."""
 
-    def __init__(self, root, device="cpu", dtype=torch.float32, capacity: int = 4, channels_last: bool = False,
-                 compile: bool = False):
-        super().__init__(root, device, dtype, capacity)
+    def __init__(self, root, device="cpu", dtype=torch.float32, capacity: int = 4, family=None,
+                 channels_last: bool = False, compile: bool = False):
+        super().__init__(root, device, dtype, capacity, family)
         self.channels_last = channels_last
         self.compile = compile
 

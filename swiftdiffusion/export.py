@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="example: swiftdiffusion export --size tiny --out artifacts/tiny")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="diffusers SD1.5 folder")
-    source.add_argument("--size", choices=sorted(tiny.SIZES), help="build the built-in model into OUT/source first")
+    source.add_argument("--size", choices=tiny.SIZE_NAMES, help="build the built-in model into OUT/source first")
     parser.add_argument("--controlnets", type=Path, help="folder of diffusers ControlNet folders")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--opset", type=int, default=onnx_export.OPSET)

@@ -1,6 +1,8 @@
 """LoRA files decoded into per-layer low-rank factors, keyed by the model's weight names.
 
-Key formats are diffusers' business: `lora_state_dict` (of the pipelines' LoRA loader) converts kohya/A1111 files, `convert_*_to_peft` brings
+Key formats are diffusers' business: `lora_state_dict` (of the family's pipeline LoRA loader, given the UNet config
+so that kohya's SDXL files, which name blocks the sgm way, map as `load_lora_weights` maps them) converts
+kohya/A1111 files, `convert_*_to_peft` brings
 old diffusers and PEFT keys to one form, and `get_peft_kwargs` gives each module its alpha exactly as
 `load_lora_weights` would. What is new here is the result: instead of wrapping layers, each LoRA becomes
 `{weight name: (down, up * scale)}`, which `build_patch` concatenates across a request's LoRAs into one
@@ -23,15 +25,17 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers import loaders
+from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from diffusers.utils.peft_utils import get_peft_kwargs
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 
 from .engines import LayerDelta, WeightPatch
+from .family import FAMILIES, ModelFamily
 
-COMPONENTS = ("unet", "text_encoder")
+LORA_COMPONENTS = {component for family in FAMILIES.values() for component in family.lora_components}
 # The largest change a LoRA may make to one weight entry (|alpha/r * up @ down|, before the request's scale).
 # Weights are O(1) and fp16 ends at 65504: a larger delta is a broken or hostile file, never a style.
 MAX_DELTA = 1e4
@@ -39,6 +43,16 @@ MAX_DELTA = 1e4
 
 class LoraFormatError(ValueError):
     """The file is not a LoRA for this model (corrupt, truncated, unknown layers, wrong shapes or bad values)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraTarget:
+    """The model LoRA files are decoded for: its family (converters, patched components), its UNet config and the
+    shapes of its weights (component -> weight name -> shape)."""
+
+    family: ModelFamily
+    unet_config: Mapping
+    weight_shapes: Mapping[str, Mapping[str, torch.Size]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,16 +136,15 @@ def layout_of(file: LoraFile) -> tuple:
     return keys, file.metadata.get("lora_adapter_metadata")
 
 
-def decode_lora(name: str, file: LoraFile, weight_shapes: Mapping[str, Mapping[str, torch.Size]],
-                plans: DecodePlans | None = None) -> LoraFactors:
-    """Decodes a LoRA file against the model's weights (component -> name -> shape), through the plan of its
-    layout when `plans` has one (and adding it when not); without `plans`, through the converters."""
+def decode_lora(name: str, file: LoraFile, target: LoraTarget, plans: DecodePlans | None = None) -> LoraFactors:
+    """Decodes a LoRA file for a model, through the plan of its layout when `plans` has one (and adding it when
+    not); without `plans`, through the converters."""
     layout = layout_of(file) if plans is not None else None
     known, plan = plans.get(layout) if plans is not None else (False, None)
     if plan is not None:
         layers = _apply(plan, file.tensors)
     else:
-        converted = _convert(name, file, weight_shapes)
+        converted = _convert(name, file, target)
         layers = {component: _factors(peft_state, scales) for component, (peft_state, scales) in converted.items()}
         if plans is not None and not known:
             plans.add(layout, _trace(converted, file.tensors))
@@ -139,23 +152,29 @@ def decode_lora(name: str, file: LoraFile, weight_shapes: Mapping[str, Mapping[s
     return LoraFactors(name, layers, bound)
 
 
-def _convert(name: str, file: LoraFile, weight_shapes) -> dict[str, tuple[dict, dict[str, float]]]:
+def _convert(name: str, file: LoraFile, target: LoraTarget) -> dict[str, tuple[dict, dict[str, float]]]:
     """component -> (its PEFT-named state dict, module -> alpha / rank), checked against the model's weights."""
+    loader = getattr(loaders, target.family.lora_loader)
     try:
-        state_dict, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(file.tensors))
+        state_dict, network_alphas = loader.lora_state_dict(dict(file.tensors), unet_config=FrozenDict(target.unet_config))
     except Exception as error:  # the converters raise many types for a foreign file
         raise LoraFormatError(f"LoRA {name!r} is not a readable LoRA safetensors file ({error})") from error
     converted = {}
-    for component in COMPONENTS:
+    for component in target.family.lora_components:
         prefix = f"{component}."
         part = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
         if not part:
             continue
         alphas = {k.removeprefix(prefix): v for k, v in (network_alphas or {}).items() if k.startswith(prefix)}
-        peft_state = _to_peft(component, part)
+        shapes = target.weight_shapes.get(component, {})
+        peft_state = _to_peft(component, part, shapes)
         scales = _module_scales(component, peft_state, alphas or None, _component_config(file.metadata, component))
-        _check_shapes(name, component, peft_state, scales, weight_shapes[component])
+        _check_shapes(name, component, peft_state, scales, shapes)
         converted[component] = (peft_state, scales)
+    foreign = sorted({key.split(".")[0] for key in state_dict} & LORA_COMPONENTS - set(converted))
+    if foreign:  # e.g. an SDXL LoRA's second text encoder, for an SD1.5 model
+        raise LoraFormatError(f"LoRA {name!r} adapts {', '.join(foreign)}, which this {target.family.name} model "
+                              "does not have")
     if not converted:
         raise LoraFormatError(f"LoRA {name!r} has no UNet or text-encoder layers")
     return converted
@@ -171,12 +190,14 @@ def _component_config(metadata: Mapping[str, str], component: str) -> dict | Non
     return config or None
 
 
-def _to_peft(component: str, state_dict: dict) -> dict:
+def _to_peft(component: str, state_dict: dict, shapes: Mapping[str, torch.Size]) -> dict:
     if component == "unet":
         return state_dict if any("lora_A" in k for k in state_dict) else convert_unet_state_dict_to_peft(state_dict)
     state_dict = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state_dict))
-    # Text-encoder LoRAs name layers with transformers 4's `text_model.` prefix, transformers 5 drops it.
-    return {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+    # Text-encoder LoRAs name layers with transformers 4's `text_model.` prefix; transformers 5 drops it from
+    # `CLIPTextModel`'s weight names and keeps it in `CLIPTextModelWithProjection`'s: use the model's own.
+    prefix = "text_model." if any(name.startswith("text_model.") for name in shapes) else ""
+    return {prefix + k.removeprefix("text_model."): v for k, v in state_dict.items()}
 
 
 def _module_scales(component: str, peft_state: dict, alphas: dict | None, config: dict | None) -> dict[str, float]:

@@ -31,20 +31,20 @@ import torch
 from safetensors.torch import save_file
 
 from .engines import WeightPatch
-from .lora import DecodePlans, LoraFactors, LoraFormatError, Stager, build_patch, decode_lora, read_lora
+from .lora import DecodePlans, LoraFactors, LoraFormatError, LoraTarget, Stager, build_patch, decode_lora, read_lora
 from .lora_source import SUFFIX, LoraSource
 from .request import LoraUse, RequestError
-from .tiny import lora_state_dict, random_lora_factors
+from .tiny import random_lora
 
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSet:
-    """A request's LoRAs, ready to patch: one patch per component (empty when no LoRA touches it)."""
+    """A request's LoRAs, ready to patch: one patch per component of the model's family (empty when no LoRA
+    touches it)."""
 
     key: tuple
-    unet: WeightPatch
-    text_encoder: WeightPatch
+    patches: Mapping[str, WeightPatch]
     bytes_read: int = 0
     load_s: float = 0.0  # all of it: read + decode + stage
     read_s: float = 0.0  # files opened (and fetched, if remote)
@@ -90,11 +90,10 @@ class DecodedCache:
 class LoraStore:
     """Fetches and decodes LoRAs for one model, on `workers` background threads."""
 
-    def __init__(self, location: str | Path, weight_shapes: Mapping[str, Mapping[str, torch.Size]],
-                 device: torch.device, dtype: torch.dtype, workers: int = 2, cache_mb: int = 1024,
-                 copies_dir: str | Path | None = None):
+    def __init__(self, location: str | Path, target: LoraTarget, device: torch.device, dtype: torch.dtype,
+                 workers: int = 2, cache_mb: int = 1024, copies_dir: str | Path | None = None):
         self.source = LoraSource(location, copies_dir)
-        self.weight_shapes = weight_shapes
+        self.target = target
         self.device = torch.device(device)
         self.dtype = dtype
         self.plans = DecodePlans()
@@ -115,7 +114,7 @@ class LoraStore:
             begin = time.perf_counter()
             file = read_lora(name, self.source.path(name, version, size))
             read = time.perf_counter()
-            factors = decode_lora(name, file, self.weight_shapes, self.plans)
+            factors = decode_lora(name, file, self.target, self.plans)
         except (LoraFormatError, FileNotFoundError) as error:
             raise RequestError("lora_names", str(error)) from error
         self.cache.put((name, version), factors)
@@ -133,11 +132,11 @@ class LoraStore:
         staged = time.perf_counter()
         try:
             patches = {component: build_patch(component, decoded, self.device, self.dtype, self.stager)
-                       for component in ("unet", "text_encoder")}
+                       for component in self.target.family.lora_components}
         except LoraFormatError as error:
             raise RequestError("lora_names", str(error)) from error
         end = time.perf_counter()
-        return LoraSet(key=lora_key(uses), **patches, bytes_read=bytes_read, load_s=end - begin, read_s=read_s,
+        return LoraSet(key=lora_key(uses), patches=patches, bytes_read=bytes_read, load_s=end - begin, read_s=read_s,
                        decode_s=decode_s, stage_s=end - staged, cache_hits=hits)
 
     def load_async(self, uses: Sequence[LoraUse]) -> concurrent.futures.Future[LoraSet]:
@@ -152,21 +151,19 @@ class LoraStore:
         def first(component: str, suffixes: tuple[str, ...]) -> dict[str, tuple[int, int]]:
             """The first layer's weights with these suffixes (the text encoder's converter needs all four
             attention projections of a layer to recognise the format)."""
-            shapes = self.weight_shapes.get(component, {})
+            shapes = self.target.weight_shapes.get(component, {})
             found = [w for w in shapes if w.endswith(tuple(f"{s}.weight" for s in suffixes))][:len(suffixes)]
-            return {w.removesuffix(".weight"): tuple(shapes[w][:2]) for w in found}
+            return {w.removesuffix(".weight"): tuple(shapes[w]) for w in found}
 
         unet = first("unet", ("attn1.to_q",))
         if not unet:
             return
         text = {"text_model." + k.removeprefix("text_model."): v for k, v in first(
             "text_encoder", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")).items()}
-        generator = torch.Generator().manual_seed(0)
-        state = lora_state_dict(random_lora_factors(unet, 1, generator),
-                                random_lora_factors(text, 1, generator), "kohya", 1.0, set())
+        state = random_lora({"unet": unet, "text_encoder": text}, 1, torch.Generator().manual_seed(0), "kohya", 1.0)
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"warm{SUFFIX}"
             save_file(state, path)
-            factors = decode_lora("warm", read_lora("warm", path), self.weight_shapes, DecodePlans())
-        for component in ("unet", "text_encoder"):
+            factors = decode_lora("warm", read_lora("warm", path), self.target, DecodePlans())
+        for component in self.target.family.lora_components:
             build_patch(component, [(factors, 0.5)], self.device, self.dtype, self.stager)

@@ -1,31 +1,37 @@
-"""Loading a local SD1.5 model into engines: a diffusers folder, or a single-file checkpoint plus a config folder.
+"""Loading a local model of either family into engines: a diffusers folder, or a single-file checkpoint plus its
+config folder.
 
-Nothing is ever fetched from a hub (`local_files_only`). The same code loads the built-in tiny model and a real
-SD1.5 download; ControlNets are diffusers ControlNet folders.
+Nothing is ever fetched from a hub (`local_files_only`). The same code loads the built-in tiny models and real
+SD1.5 / SDXL downloads; the family (`family.py`) comes from the folder's UNet config. ControlNets are diffusers
+ControlNet folders, checked against the model's family when loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import graphs
 from .engines import Engine, TorchEngine, TorchWeights
-from .lora import weight_shapes
+from .family import ModelFamily, family_of
+from .lora import LoraTarget, weight_shapes
+from .request import RequestDefaults
 
-
-ALL_PARTS = ("text_encoder", "unet", "vae")
+# What a Triton model may load of a model: the text encoders (all of the family's), the UNet, the VAE.
+ALL_PARTS = ("text", "unet", "vae")
 
 
 @dataclasses.dataclass
 class ModelComponents:
-    """The diffusers/transformers modules of one SD1.5 model (None for parts not loaded)."""
+    """The diffusers/transformers modules of one model, named as diffusers' pipelines name them (None for parts
+    not loaded, or not in the family: SD1.5 has no `text_encoder_2`)."""
 
+    family: ModelFamily
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel | None
     unet: UNet2DConditionModel | None
@@ -33,15 +39,41 @@ class ModelComponents:
     scheduler_config: dict
     unet_config: dict
     vae_config: dict
+    # Per text-encoder component: its number of hidden layers (what `clip_skip` is checked against).
+    text_layers: dict[str, int]
+    # An absent negative prompt is zeros (SDXL's `force_zeros_for_empty_prompt`, from model_index.json).
+    zero_absent_negative: bool = False
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+    @property
+    def defaults(self) -> RequestDefaults:
+        return request_defaults(self.family, self.unet_config, vae_scale_factor(self.vae_config))
+
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules LoRAs adapt, by component (those loaded)."""
+        return {c: getattr(self, c) for c in self.family.lora_components if getattr(self, c) is not None}
+
+    def pipeline_parts(self) -> dict:
+        """The modules as keyword arguments of the family's diffusers pipelines (references and the baseline)."""
+        parts = dict(vae=self.vae, unet=self.unet, tokenizer=self.tokenizer, text_encoder=self.text_encoder)
+        if self.family.second_prompts:
+            # The invisible watermark is off: it is an optional package, and it would change every image.
+            return dict(parts, tokenizer_2=self.tokenizer_2, text_encoder_2=self.text_encoder_2,
+                        force_zeros_for_empty_prompt=self.zero_absent_negative, add_watermarker=False)
+        return dict(parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 @dataclasses.dataclass
 class LoadedModel:
     """Engines for every graph of a model, and what the pipeline needs besides them."""
 
-    tokenizer: CLIPTokenizer
+    family: ModelFamily
+    tokenizers: dict[str, CLIPTokenizer]  # by text-encoder component
+    text_layers: dict[str, int]
+    zero_absent_negative: bool
     scheduler_config: dict
-    unet_config: object
+    unet_config: dict
     latent_channels: int
     vae_scale_factor: int
     engines: dict[str, Engine]
@@ -50,49 +82,93 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
 
+    @property
+    def lora_target(self) -> LoraTarget:
+        return LoraTarget(self.family, self.unet_config, self.weight_shapes)
+
+    @property
+    def defaults(self) -> RequestDefaults:
+        return request_defaults(self.family, self.unet_config, self.vae_scale_factor)
+
+
+TEXT_CLASSES = {False: CLIPTextModel, True: CLIPTextModelWithProjection}
+
+
+def vae_scale_factor(vae_config: dict) -> int:
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def request_defaults(family: ModelFamily, unet_config: dict, scale_factor: int) -> RequestDefaults:
+    """diffusers' defaults for a model: the UNet's sample size in pixels, the family's guidance."""
+    return RequestDefaults(unet_config["sample_size"] * scale_factor, family.default_guidance)
+
 
 def load_components(path: str | Path, config: str | Path | None = None,
                     parts: tuple[str, ...] = ALL_PARTS) -> ModelComponents:
     """Reads a diffusers folder, or a single-file `.safetensors` checkpoint with a local diffusers config folder.
 
-    `parts` limits what is loaded from a folder (a Triton model holding the text encoder needs no UNet).
+    `parts` limits what is loaded from a folder (a Triton model holding the text encoders needs no UNet).
     """
     path = Path(path)
     if path.is_file():
-        if config is None:
-            raise ValueError(f"{path} is a single-file checkpoint: give its diffusers config folder too")
-        # Imported here: diffusers' pipeline modules import transformers' image processors, which warn in every
-        # process on a machine without torchvision although nothing here uses them.
-        from diffusers import StableDiffusionPipeline
+        return _single_file(path, config)
+    unet_config = dict(UNet2DConditionModel.load_config(path / "unet", local_files_only=True))
+    family = family_of(unet_config)
+    modules = {part.component: TEXT_CLASSES[part.projected].from_pretrained(path / part.component, local_files_only=True)
+               for part in family.text_encoders if "text" in parts}
+    tokenizers = {part.tokenizer: CLIPTokenizer.from_pretrained(path / part.tokenizer, local_files_only=True)
+                  for part in family.text_encoders}
+    if "unet" in parts:
+        modules["unet"] = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+    if "vae" in parts:
+        modules["vae"] = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+    index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
+    return ModelComponents(
+        family=family, **tokenizers, **{name: modules.get(name) for name in ("unet", "vae", *family.text_components)},
+        scheduler_config=_config(path / "scheduler" / "scheduler_config.json"), unet_config=unet_config,
+        vae_config=_config(path / "vae" / "config.json"),
+        text_layers={part.component: _config(path / part.component / "config.json")["num_hidden_layers"]
+                     for part in family.text_encoders},
+        zero_absent_negative=index.get("force_zeros_for_empty_prompt", family.zero_absent_negative))
 
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, safety_checker=None, requires_safety_checker=False
-        )
-        return ModelComponents(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, dict(pipe.scheduler.config),
-                               dict(pipe.unet.config), dict(pipe.vae.config))
-    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-    loaders = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
-    modules = {part: loaders[part].from_pretrained(path / part, local_files_only=True) if part in parts else None
-               for part in ALL_PARTS}
-    scheduler_config = PNDMScheduler.load_config(path / "scheduler", local_files_only=True)
-    unet_config = UNet2DConditionModel.load_config(path / "unet", local_files_only=True)
-    vae_config = AutoencoderKL.load_config(path / "vae", local_files_only=True)
-    return ModelComponents(tokenizer, scheduler_config=dict(scheduler_config), unet_config=dict(unet_config),
-                           vae_config=dict(vae_config), **modules)
+
+def _config(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _single_file(path: Path, config: str | Path | None) -> ModelComponents:
+    if config is None:
+        raise ValueError(f"{path} is a single-file checkpoint: give its diffusers config folder too")
+    family = family_of(UNet2DConditionModel.load_config(Path(config) / "unet", local_files_only=True))
+    # Imported here: diffusers' pipeline modules import transformers' image processors, which warn in every
+    # process on a machine without torchvision although nothing here uses them.
+    import diffusers
+
+    pipe = getattr(diffusers, family.pipeline).from_single_file(str(path), config=str(config), local_files_only=True)
+    texts = {part.component: getattr(pipe, part.component) for part in family.text_encoders}
+    tokenizers = {part.tokenizer: getattr(pipe, part.tokenizer) for part in family.text_encoders}
+    return ModelComponents(
+        family=family, **tokenizers, **texts, unet=pipe.unet, vae=pipe.vae, scheduler_config=dict(pipe.scheduler.config),
+        unet_config=dict(pipe.unet.config), vae_config=dict(pipe.vae.config),
+        text_layers={name: module.config.num_hidden_layers for name, module in texts.items()},
+        zero_absent_negative=pipe.config.get("force_zeros_for_empty_prompt", family.zero_absent_negative))
 
 
 def torch_engines(components: ModelComponents, device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
     """Wraps the loaded modules as torch engines; the three UNet graphs share one set of weights."""
     device = torch.device(device)
-    specs = graphs.graph_specs(SimpleNamespace(**components.unet_config))
+    family = components.family
+    specs = graphs.graph_specs(components.unet_config, family)
     engines: dict[str, Engine] = {}
     shapes = {}
     # Weight names are the diffusers/transformers module's own (what LoRA files name), not the wrappers'.
-    if components.text_encoder is not None:
-        text_encoder = _prepare(components.text_encoder, device, dtype)
-        engines["text_encoder"] = TorchEngine(graphs.TextEncoder(text_encoder), specs["text_encoder"],
-                                              TorchWeights(text_encoder))
-        shapes["text_encoder"] = weight_shapes(text_encoder)
+    for part in family.text_encoders:
+        module = getattr(components, part.component)
+        if module is not None:
+            module = _prepare(module, device, dtype)
+            engines[part.component] = TorchEngine(graphs.TextEncoder(module, family.final_norm),
+                                                  specs[part.component], TorchWeights(module))
+            shapes[part.component] = weight_shapes(module)
     if components.unet is not None:
         unet = _prepare(components.unet, device, dtype)
         unet_weights = TorchWeights(unet)
@@ -101,19 +177,29 @@ def torch_engines(components: ModelComponents, device: str | torch.device, dtype
             engines[name] = TorchEngine(graph(unet), specs[name], unet_weights)
         shapes["unet"] = weight_shapes(unet)
     if components.vae is not None:
-        engines["vae_decoder"] = TorchEngine(graphs.VaeDecoder(_prepare(components.vae, device, dtype)),
+        engines["vae_decoder"] = TorchEngine(graphs.VaeDecoder(_prepare(components.vae, device,
+                                                                        vae_dtype(components, dtype))),
                                              specs["vae_decoder"])
     return LoadedModel(
-        tokenizer=components.tokenizer,
+        family=family,
+        tokenizers={part.component: getattr(components, part.tokenizer) for part in family.text_encoders},
+        text_layers=components.text_layers,
+        zero_absent_negative=components.zero_absent_negative,
         scheduler_config=components.scheduler_config,
         unet_config=components.unet_config,
         latent_channels=components.unet_config["in_channels"],
-        vae_scale_factor=2 ** (len(components.vae_config["block_out_channels"]) - 1),
+        vae_scale_factor=vae_scale_factor(components.vae_config),
         engines=engines,
         weight_shapes=shapes,
         device=device,
         dtype=dtype,
     )
+
+
+def vae_dtype(components: ModelComponents, dtype: torch.dtype) -> torch.dtype:
+    """fp32 where the family's pipeline upcasts the VAE (SDXL's VAE overflows in fp16 and says `force_upcast`)."""
+    upcast = components.family.vae_upcast and dtype == torch.float16 and components.vae_config.get("force_upcast")
+    return torch.float32 if upcast else dtype
 
 
 def _prepare(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -35,7 +35,7 @@ from onnx import numpy_helper
 
 from . import graphs
 from .engines import WeightPatch
-from .graphs import GraphSpec
+from .graphs import WEIGHT_COMPONENTS, GraphSpec
 from .models import ModelComponents, load_components
 
 OPSET = 17
@@ -44,8 +44,6 @@ LATENT_RANGE = (8, 128)  # 64..1024 pixels
 TRACE_SIZE = (2, 12, 8)  # batch, latent height, latent width
 CHECK_SIZES = ((1, 8, 8), (2, 8, 8), (1, 12, 8), (2, 12, 8))
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf refuses messages over 2 GiB: bigger graphs keep weights in <file>.data
-# Graphs with a weight map (LoRAs patch them), keyed by graph kind: the weight-name space they use.
-REFIT_COMPONENTS = {"unet": "unet", "unet_encoder": "unet", "unet_decoder": "unet", "text_encoder": "text_encoder"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +97,12 @@ class WeightMap:
 
 
 def graph_sources(components: ModelComponents, controlnets: Mapping[str, ControlNetModel]) -> list[GraphSource]:
-    """Every graph of a model and its ControlNets, as fp32 eval modules."""
-    specs = graphs.graph_specs(components.unet.config)
+    """Every graph of a model (its family's text encoders included) and its ControlNets, as fp32 eval modules."""
+    family = components.family
+    specs = graphs.graph_specs(components.unet.config, family)
     modules = {
-        "text_encoder": graphs.TextEncoder(components.text_encoder),
+        **{part.component: graphs.TextEncoder(getattr(components, part.component), family.final_norm)
+           for part in family.text_encoders},
         "unet": graphs.FullUNet(components.unet),
         "unet_encoder": graphs.UNetEncoder(components.unet),
         "unet_decoder": graphs.UNetDecoder(components.unet),
@@ -159,15 +159,23 @@ def sample_inputs(source: GraphSource, components: ModelComponents, batch: int, 
     """Random inputs for a graph at a batch and latent size; the decoder's are the encoder's real outputs."""
     generator = torch.Generator().manual_seed(seed)
     unet = components.unet.config
-    text = components.text_encoder.config
+    text_encoder = source.kind if source.kind in components.family.text_components else "text_encoder"
+    text = getattr(components, text_encoder).config
     base = {
         "sample": torch.randn(batch, unet.in_channels, height, width, generator=generator),
         "timestep": torch.rand(1, generator=generator) * 999,
         "encoder_hidden_states": torch.randn(batch, text.max_position_embeddings, unet.cross_attention_dim,
                                              generator=generator),
         "input_ids": torch.randint(0, text.vocab_size, (batch, text.max_position_embeddings), generator=generator),
+        # A different layer per row: the graph gathers each row's own.
+        "hidden_layer": torch.randint(1, text.num_hidden_layers + 1, (batch,), generator=generator),
         "latent": torch.randn(batch, components.vae.config.latent_channels, height, width, generator=generator),
     }
+    if "text_embeds" in components.family.added_conditioning:
+        pooled = components.text_encoder_2.config.projection_dim
+        base["text_embeds"] = torch.randn(batch, pooled, generator=generator)
+        base["time_ids"] = torch.tensor([[512.0, 384.0, 16.0, 0.0, 512.0, 512.0]]).repeat(batch, 1) * (
+            1 + torch.rand(batch, 1, generator=generator))
     if source.kind == "controlnet":
         axes = dynamic_axes(source, unet)["controlnet_cond"]
         size = [resolve_dim(axes[axis], batch, height, width) for axis in (2, 3)]
@@ -175,7 +183,7 @@ def sample_inputs(source: GraphSource, components: ModelComponents, batch: int, 
         base["controlnet_cond"] = torch.rand(batch, channels, *size, generator=generator)
     if source.kind == "unet_decoder":
         encoder = graphs.UNetEncoder(components.unet)
-        spec = graphs.graph_specs(unet)["unet_encoder"]
+        spec = graphs.graph_specs(unet, components.family)["unet_encoder"]
         with torch.inference_mode():
             base.update(zip(spec.outputs, encoder(*(base[name] for name in spec.inputs))))
     return {name: base[name].clone() for name in source.spec.inputs}
@@ -374,7 +382,7 @@ def export_model(model: str | Path | ModelComponents, controlnets: Mapping[str, 
         onnx_model = export_graph(source, trace_inputs, axes, opset)
         entry = {"file": path.name, "kind": source.kind,
                  "inputs": _io(onnx_model.graph.input), "outputs": _io(onnx_model.graph.output)}
-        component = REFIT_COMPONENTS.get(source.kind)
+        component = WEIGHT_COMPONENTS.get(source.kind)
         if component is not None:
             weight_map = build_weight_map(onnx_model, source, used_parameters(source, trace_inputs))
             weights_file = path.with_name(f"{source.name}.weights.json")

@@ -1,8 +1,9 @@
-"""The text-to-image pipeline over engines: encode, denoise (ControlNets, LoRAs), decode.
+"""The text-to-image pipeline over engines: encode, denoise (ControlNets, LoRAs), decode, for both families.
 
-It follows diffusers' `StableDiffusionControlNetPipeline` step for step (same tokenisation, CFG batch order
-[unconditional, conditional], noise drawn from a CPU generator seeded per request, scheduler calls, residual
-scaling and summing), so the same weights, seed and scheduler give diffusers' image.
+It follows diffusers' `StableDiffusion(XL)(ControlNet)Pipeline` step for step (same tokenisation and text
+conditioning (`conditioning.py`), CFG batch order [unconditional, conditional], noise drawn from a CPU generator
+seeded per request, scheduler calls, residual scaling and summing), so the same weights, seed and scheduler give
+diffusers' image. The model's family (`family.py`) decides what the UNet and ControlNets are conditioned on.
 
 What it does differently is where the time goes:
 - ControlNets are submitted before the UNet encoder runs and awaited only before the decoder, so a runner that
@@ -14,8 +15,11 @@ What it does differently is where the time goes:
   before encoding: diffusers' `load_lora_weights` + `fuse_lora` image exactly.
 - Weights stay patched after a request; the next request with the same LoRA set skips both restore and patch.
 
-Everything per request (timesteps, control images, scheduler kwargs) is prepared before the loop; the loop
-itself only runs engines and the scheduler.
+A step is one scheduler step: second-order samplers (Heun, DPM2, DPM++ SDE) evaluate the UNet twice in most of
+their steps, and LoRAs are patched in only between steps, never between a step's two evaluations.
+
+Everything per request (timesteps, conditioning, control images, scheduler kwargs) is prepared before the loop;
+the loop itself only runs engines and the scheduler.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import inspect
 import math
 import threading
 import time
@@ -33,32 +36,20 @@ from typing import Awaitable, Callable
 
 import numpy as np
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 
+from .conditioning import Prompts, TextConditioner, check_request, time_ids
 from .controlnets import ControlNetRunner
 from .cuda_graphs import GraphedControlNetCatalog, GraphedEngine
-from .graphs import residual_names
+from .graphs import WEIGHT_COMPONENTS, residual_names
 from .lora_store import LoraSet, LoraStore, lora_key
 from .models import LoadedModel
-from .request import GenerationRequest, Limits, RequestError, StopCondition, stop_condition, validate
+from .request import (GenerationRequest, Limits, RequestError, StopCondition, stop_condition, validate,
+                      with_defaults)
+from .schedulers import make_scheduler, step_kwargs
 
-SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "pndm": PNDMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
-    "unipc": UniPCMultistepScheduler,
-}
-
-UNET_ENGINES = ("unet", "unet_encoder", "unet_decoder")
 StepCallback = Callable[[int, int, float], None]  # (steps done, total steps, seconds since the request began)
-
-
-def make_scheduler(name: str, base_config: dict):
-    return SCHEDULERS[name].from_config(base_config)
+Conditioning = dict[str, torch.Tensor]  # encoder_hidden_states and the family's added conditioning, by input name
 
 
 @dataclasses.dataclass
@@ -105,39 +96,53 @@ class Pipeline:
         self.loras = loras
         self.limits = limits
         self.lora_deadline_fraction = lora_deadline_fraction
+        self.text = TextConditioner(model) if model.family.text_components[0] in model.engines else None
         self.lock = threading.Lock()
         self.applied_key: tuple | None = None  # LoRA set now merged into the weights
         self.applied_text_lora = False
-        self.step_kwargs = {name: _step_parameters(cls) for name, cls in SCHEDULERS.items()}
+        # The engines each LoRA component patches: the UNet's three graphs share one set of weights (repeats are
+        # no-ops), a `cfg_model` copy has its own.
+        self.patched = {component: [engine for name, engine in self.engines.items()
+                                    if WEIGHT_COMPONENTS.get(name) == component]
+                        for component in model.family.lora_components}
+        self.copies = [] if cfg_model is None else [e for name, e in cfg_model.engines.items()
+                                                     if WEIGHT_COMPONENTS.get(name) == "unet"]
 
     # ---- request checks -------------------------------------------------------------------------------------
-    def check(self, request: GenerationRequest) -> None:
-        """RequestError for any invalid field, add-on names included, before any work starts."""
+    def check(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with the model's defaults filled in; RequestError for any invalid field, add-on names
+        included, before any work starts."""
+        request = with_defaults(request, self.model.defaults)
         validate(request, self.limits)
+        check_request(request, self.model.family, self.model.text_layers)
         if request.loras and self.loras is None:
             raise ValueError("this pipeline has no LoRA catalog")
         for control in request.controlnets:
             if self.controlnets is None:
                 raise ValueError("this pipeline has no ControlNet catalog")
             self.controlnets.check(control.name)
+        return request
 
-    # ---- text ----------------------------------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        tokenizer = self.model.tokenizer
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        return ids.to(self.model.device)
+    # ---- conditioning ---------------------------------------------------------------------------------------
+    def encode(self, request: GenerationRequest) -> Conditioning:
+        """The text encoders' outputs, rows [negative, positive] when guidance applies, with the text encoders as
+        they are now (LoRA patches included)."""
+        return self.text([Prompts.of(request)], uses_guidance(request))
 
-    def encode(self, request: GenerationRequest) -> torch.Tensor:
-        """Prompt embeddings, [negative, positive] when guidance applies, with the text encoder as it is now."""
-        texts = [request.negative_prompt, request.prompt] if uses_guidance(request) else [request.prompt]
-        return self.engines["text_encoder"]({"input_ids": self.tokenize(texts)})["text_embeddings"]
+    def conditioning(self, request: GenerationRequest, encoded: Conditioning) -> Conditioning:
+        """The text encoders' outputs and the family's other added conditioning, on the UNet's device and dtype."""
+        tensors = {name: tensor.to(self.model.device, self.model.dtype) for name, tensor in encoded.items()}
+        if "time_ids" in self.model.family.added_conditioning:
+            rows = tensors["encoder_hidden_states"].shape[0]
+            tensors["time_ids"] = time_ids(request, rows, self.model.device, self.model.dtype)
+        return tensors
 
     # ---- denoising -----------------------------------------------------------------------------------------
-    async def denoise(self, request: GenerationRequest, embeddings: torch.Tensor | None = None,
+    async def denoise(self, request: GenerationRequest, encoded: Conditioning | None = None,
                       on_step: StepCallback | None = None, exact_lora_step: int | None = None,
                       stop: StopCondition | None = None) -> DenoiseResult:
-        """Runs the scheduler loop. `embeddings` come from an outside text encoder (None: encode here).
+        """Runs the scheduler loop. `encoded` are the text encoders' outputs from an outside text encoder (rows
+        [negative, positive] under guidance; None: encode here).
 
         `exact_lora_step` patches the LoRAs exactly before that step (reference runs for tests). `stop` is checked
         before the request starts and at every step boundary (default: the request's own time budget); when it
@@ -145,6 +150,7 @@ class Pipeline:
         and the weights as consistent as after any request (patched with `applied_key`'s set, or pristine).
         """
         begin = time.perf_counter()
+        request = with_defaults(request, self.model.defaults)
         stop = stop or stop_condition(request, self.limits)
         stop.check(0, request.steps)
         model = self.model
@@ -155,58 +161,61 @@ class Pipeline:
         timings = LoraTimings()
         lora_job, lora_step = self._start_loras(request, exact_lora_step, timings)
         if lora_step == 0 and self.applied_text_lora:
-            embeddings = None  # the outside encoder ran without the text-encoder LoRA layers
-        if embeddings is None:
-            embeddings = self.encode(request)
-        deadline = min(self._deadline(request) if exact_lora_step is None else exact_lora_step, request.steps - 1)
+            encoded = None  # the outside encoder ran without the text-encoder LoRA layers
+        conditioning = self.conditioning(request, encoded if encoded is not None else self.encode(request))
 
-        scheduler = make_scheduler(request.scheduler, model.scheduler_config)
+        scheduler = make_scheduler(request.scheduler, model.scheduler_config, request.seed)
         # Timesteps stay on the host: the schedulers index their tables with them, which would sync a GPU.
         scheduler.set_timesteps(request.steps, device="cpu")
+        timesteps, order = scheduler.timesteps, scheduler.order
+        steps = math.ceil(len(timesteps) / order)  # scheduler steps (PNDM's PLMS makes steps + 1)
+        deadline = min(self._deadline(request, steps) if exact_lora_step is None else exact_lora_step, steps - 1)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         shape = (1, model.latent_channels, request.height // model.vae_scale_factor,
                  request.width // model.vae_scale_factor)
         latents = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
         latents = latents * scheduler.init_noise_sigma
-        step_kwargs = {"generator": generator, "eta": 0.0}
-        step_kwargs = {k: v for k, v in step_kwargs.items() if k in self.step_kwargs[request.scheduler]}
+        extra = step_kwargs(scheduler, generator)
         # One branch for the batch [unconditional, conditional]; with `cfg_parallel` one per half, on its own worker
         # (the unconditional half on `cfg_model` when there is one).
         branch_models = ((self.cfg_model or model), model) if parallel else (model,)
         controls = [(c.name, self._control_image(c.image, guided and not parallel), c.scale)
                     for c in request.controlnets]
-        branches = [_Branch(self.controlnets, branch, controls, request.controlnet_mode, request.steps)
+        branches = [_Branch(self.controlnets, branch, controls, request.controlnet_mode, len(timesteps))
                     for branch in branch_models]
-        timesteps, wait_s = scheduler.timesteps, 0.0
+        halves = _halves(conditioning) if parallel else []
         engine_timesteps = timesteps.to(model.device, torch.float32).reshape(-1, 1)
+        wait_s = 0.0
         try:
             for index, t in enumerate(timesteps):
-                stop.check(index, len(timesteps))
-                if lora_job is not None and (index >= deadline or (exact_lora_step is None and lora_job.done())):
+                step, between_steps = divmod(index, order)
+                stop.check(step, steps)
+                if lora_job is not None and not between_steps and (
+                        step >= deadline or (exact_lora_step is None and lora_job.done())):
                     waited = time.perf_counter()
                     lora_set = await asyncio.wrap_future(lora_job)
                     wait_s = time.perf_counter() - waited
                     self._apply(lora_set, timings)
                     if self.applied_text_lora:
-                        embeddings = self.encode(request)
-                    lora_job, lora_step = None, index
+                        conditioning = self.conditioning(request, self.encode(request))
+                        halves = _halves(conditioning) if parallel else []
+                    lora_job, lora_step = None, step
                 if parallel:
                     sample, timestep = scheduler.scale_model_input(latents, t), engine_timesteps[index]
                     uncond, cond = await asyncio.gather(*(
-                        worker.run(branch.noise({"sample": sample, "timestep": timestep,
-                                                 "encoder_hidden_states": embeddings[i:i + 1]}, index))
-                        for i, (worker, branch) in enumerate(zip(self._cfg_workers, branches))))
+                        worker.run(branch.noise({"sample": sample, "timestep": timestep, **half}, index))
+                        for worker, branch, half in zip(self._cfg_workers, branches, halves)))
                     uncond = uncond.to(model.device)
                 else:
                     model_input = torch.cat([latents] * 2) if guided else latents
                     model_input = scheduler.scale_model_input(model_input, t)
                     noise = await branches[0].noise({"sample": model_input, "timestep": engine_timesteps[index],
-                                                     "encoder_hidden_states": embeddings}, index)
+                                                     **conditioning}, index)
                     uncond, cond = noise.chunk(2) if guided else (None, noise)
                 noise = uncond + request.guidance_scale * (cond - uncond) if guided else cond
-                latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-                if on_step is not None:
-                    on_step(index + 1, len(timesteps), time.perf_counter() - begin)
+                latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+                if on_step is not None and (between_steps == order - 1 or index == len(timesteps) - 1):
+                    on_step(step + 1, steps, time.perf_counter() - begin)
         except Exception:
             # A stopped or failed request still collects the ControlNet calls it sent: an uncollected BLS response
             # keeps its model's instance from ever unloading.
@@ -251,34 +260,33 @@ class Pipeline:
             return None, 0
         return self.loras.load_async(request.loras), -1
 
-    def _deadline(self, request: GenerationRequest) -> int:
+    def _deadline(self, request: GenerationRequest, steps: int) -> int:
         if request.lora_deadline is not None:
             return request.lora_deadline
-        return math.ceil(self.lora_deadline_fraction * request.steps)
+        return math.ceil(self.lora_deadline_fraction * steps)
 
     def _apply(self, lora_set: LoraSet | None, timings: LoraTimings) -> None:
         """Patches (or, with None, restores) every engine whose weights LoRAs touch.
 
         The three UNet engines share one set of torch weights (repeats are no-ops); TensorRT engines each refit.
-        A `cfg_model` copy gets the same patch, its factors moved to its device.
+        A `cfg_model` copy gets the UNet's patch, its factors moved to its device.
         """
         begin = time.perf_counter()
         self.applied_key, self.applied_text_lora = None, False
-        unets = [self.engines[name] for name in UNET_ENGINES]
-        copies = [] if self.cfg_model is None else [self.cfg_model.engines[name] for name in UNET_ENGINES]
         if lora_set is None:
-            for engine in (*unets, *copies, self.engines["text_encoder"]):
+            for engine in (*self.copies, *(e for engines in self.patched.values() for e in engines)):
                 engine.restore()
             timings.restore_s += time.perf_counter() - begin
             return
-        for engine in unets:
-            engine.patch(lora_set.unet)
-        if copies:
-            patch = lora_set.unet.to(self.cfg_model.device)
-            for engine in copies:
+        for component, engines in self.patched.items():
+            for engine in engines:
+                engine.patch(lora_set.patches[component])
+        if self.copies:
+            patch = lora_set.patches["unet"].to(self.cfg_model.device)
+            for engine in self.copies:
                 engine.patch(patch)
-        self.engines["text_encoder"].patch(lora_set.text_encoder)
-        self.applied_key, self.applied_text_lora = lora_set.key, bool(lora_set.text_encoder.layers)
+        self.applied_key = lora_set.key
+        self.applied_text_lora = any(lora_set.patches[c].layers for c in self.model.family.text_components)
         timings.patch_s += time.perf_counter() - begin
         timings.load_s += lora_set.load_s
         timings.bytes_read += lora_set.bytes_read
@@ -298,7 +306,7 @@ class Pipeline:
     # ---- all together --------------------------------------------------------------------------------------
     async def generate_async(self, request: GenerationRequest, on_step: StepCallback | None = None,
                              exact_lora_step: int | None = None, stop: StopCondition | None = None) -> GenerationResult:
-        self.check(request)
+        request = self.check(request)
         result = await self.denoise(request, None, on_step, exact_lora_step, stop)
         return GenerationResult(self.decode(result.latents), result.lora_step, result.lora_wait_s, result.timings)
 
@@ -417,6 +425,11 @@ class _Worker:
         return noise
 
 
+def _halves(conditioning: Conditioning) -> list[Conditioning]:
+    """The unconditional and the conditional row of each conditioning tensor (the `cfg_parallel` branches')."""
+    return [{name: tensor[i:i + 1] for name, tensor in conditioning.items()} for i in range(2)]
+
+
 def uses_guidance(request: GenerationRequest) -> bool:
     return request.guidance_scale > 1.0
 
@@ -426,6 +439,3 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
     return (images * 255).round().astype(np.uint8)
 
-
-def _step_parameters(scheduler_class) -> set[str]:
-    return set(inspect.signature(scheduler_class.step).parameters)

@@ -15,13 +15,19 @@ from typing import Callable
 
 import numpy as np
 
-SCHEDULER_NAMES = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc")
+from .schedulers import SCHEDULER_NAMES, find_scheduler
+
 LORA_MODES = ("bounded", "sync")
 # overlap: ControlNets run while the UNet encoder does; sequential: before it (the baseline); async: step t's
 # decoder takes step t-1's residuals, so ControlNets overlap whole steps (for slow links between devices).
 CONTROLNET_MODES = ("overlap", "sequential", "async")
 # Catalog names: one plain path component, so that a name can never reach outside its catalog folder.
 CATALOG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+
+
+# Bounds of the fields a model checks more closely (its text encoders' depth) or only feeds to an embedding.
+MAX_CLIP_SKIP = 64
+MAX_CONDITIONING_PIXELS = 16_384
 
 
 class RequestError(ValueError):
@@ -62,14 +68,19 @@ class ControlNetUse:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationRequest:
+    """One text-to-image request. Fields left None take the model's defaults (`with_defaults`): its family's
+    guidance and size (a control image's size when the request has one), its folder's scheduler."""
+
     prompt: str
-    negative_prompt: str = ""
+    # None: absent, which is not the same as empty for SDXL: an absent negative prompt is zeros there
+    # (`force_zeros_for_empty_prompt`), an empty one is encoded.
+    negative_prompt: str | None = None
     seed: int = 0
     steps: int = 20
-    guidance_scale: float = 7.5
-    height: int = 512
-    width: int = 512
-    scheduler: str = "ddim"
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    scheduler: str | None = None
     loras: tuple[LoraUse, ...] = ()
     controlnets: tuple[ControlNetUse, ...] = ()
     lora_mode: str = "bounded"
@@ -83,6 +94,35 @@ class GenerationRequest:
     # its arrival. Triton 2.51 does not pass an ensemble request's cancellation on to its steps, so this field is
     # what frees the server from a request whose client gave up (the client library sends its deadline here).
     timeout_s: float | None = None
+    # SDXL's second text encoder's prompts (None: the first ones, as diffusers falls back).
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
+    # SDXL's size conditioning, (height, width) and (top, left) in pixels; None: the image's size, (0, 0).
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    # Text-encoder layers to skip from the family's default one (diffusers' convention: 1 is A1111's "Clip skip 2").
+    clip_skip: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestDefaults:
+    """What a model gives the fields a request leaves None."""
+
+    size: int
+    guidance_scale: float
+
+
+def with_defaults(request: GenerationRequest, defaults: RequestDefaults) -> GenerationRequest:
+    """The request with every model-dependent default filled in (the scheduler stays None: the folder's own).
+    Without a size, a request with control images takes the first one's size, as diffusers' ControlNet pipelines
+    do; any other size is the model's."""
+    if request.controlnets and request.height is None and request.width is None:
+        height, width = request.controlnets[0].image.shape[:2]
+    else:
+        height, width = request.height or defaults.size, request.width or defaults.size
+    guidance = defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
+    return dataclasses.replace(request, height=int(height), width=int(width), guidance_scale=float(guidance))
 
 
 class RequestStopped(Exception):
@@ -154,16 +194,20 @@ def _check_range(field: str, value: float, low: float, high: float) -> None:
 
 
 def validate(request: GenerationRequest, limits: Limits) -> None:
-    """Raises RequestError for the first invalid field."""
+    """Raises RequestError for the first invalid field (fields left to the model's defaults are not checked)."""
     _check_range("steps", request.steps, 1, limits.max_steps)
     for field in ("height", "width"):
         size = getattr(request, field)
+        if size is None:
+            continue
         _check_range(field, size, limits.min_size, limits.max_size)
         if size % 8:
             raise RequestError(field, f"{size} is not a multiple of 8")
-    _check_range("guidance_scale", request.guidance_scale, 0.0, limits.max_guidance)
-    if request.scheduler not in SCHEDULER_NAMES:
-        raise RequestError("scheduler", f"unknown scheduler {request.scheduler!r}; one of {', '.join(SCHEDULER_NAMES)}")
+    if request.guidance_scale is not None:
+        _check_range("guidance_scale", request.guidance_scale, 0.0, limits.max_guidance)
+    if request.scheduler is not None and find_scheduler(request.scheduler) is None:
+        raise RequestError("scheduler", f"unknown scheduler {request.scheduler!r}; one of {', '.join(SCHEDULER_NAMES)} "
+                                        "or AUTOMATIC1111's names (e.g. 'DPM++ 2M Karras', 'Euler a')")
     if request.lora_mode not in LORA_MODES:
         raise RequestError("lora_mode", f"unknown mode {request.lora_mode!r}; one of {', '.join(LORA_MODES)}")
     if request.controlnet_mode not in CONTROLNET_MODES:
@@ -173,6 +217,11 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
         _check_range("lora_deadline", request.lora_deadline, 0, request.steps)
     if request.timeout_s is not None:
         _check_range("timeout_s", request.timeout_s, 1e-3, limits.max_timeout_s)
+    if request.clip_skip is not None:
+        _check_range("clip_skip", request.clip_skip, 0, MAX_CLIP_SKIP)
+    for field, low in (("original_size", 1), ("crops_coords_top_left", 0), ("target_size", 1)):
+        for value in getattr(request, field) or ():
+            _check_range(field, value, low, MAX_CONDITIONING_PIXELS)
     _validate_addons(request, limits)
 
 
@@ -186,12 +235,22 @@ def _validate_addons(request: GenerationRequest, limits: Limits) -> None:
         _check_range("lora_scales", lora.scale, -limits.max_addon_scale, limits.max_addon_scale)
     if len(request.controlnets) > limits.max_controlnets:
         raise RequestError("controlnet_names", f"{len(request.controlnets)} ControlNets, at most {limits.max_controlnets}")
-    expected = (request.height, request.width, 3)
+    size = _control_size(request)
     for control in request.controlnets:
         check_catalog_name("controlnet_names", control.name)
         _check_range("controlnet_scales", control.scale, 0.0, limits.max_addon_scale)
-        if control.image.dtype != np.uint8 or control.image.shape != expected:
-            raise RequestError(
-                "controlnet_images",
-                f"image for {control.name!r} is {control.image.dtype} {control.image.shape}, expected uint8 {expected}",
-            )
+        image = control.image
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or image.shape[:2] != (size or image.shape[:2]):
+            expected = f"[{size[0]}, {size[1]}, 3]" if size else "[height, width, 3]"
+            raise RequestError("controlnet_images",
+                               f"image for {control.name!r} is {image.dtype} {list(image.shape)}, expected uint8 {expected}")
+
+
+def _control_size(request: GenerationRequest) -> tuple[int, int] | None:
+    """The size every control image must have: the request's, or without one the first image's (which becomes the
+    request's); None while only one side is given (the model's default decides the other)."""
+    if request.height is None and request.width is None:
+        return tuple(request.controlnets[0].image.shape[:2]) if request.controlnets else None
+    if request.height is None or request.width is None:
+        return None
+    return request.height, request.width

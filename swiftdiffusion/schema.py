@@ -10,8 +10,8 @@ import dataclasses
 
 import numpy as np
 
-from .request import (CONTROLNET_MODES, LORA_MODES, SCHEDULER_NAMES, ControlNetUse, GenerationRequest, LoraUse,
-                      RequestError)
+from .request import CONTROLNET_MODES, LORA_MODES, ControlNetUse, GenerationRequest, LoraUse, RequestError
+from .schedulers import SCHEDULER_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,14 +34,18 @@ DEFAULTS = GenerationRequest(prompt="")
 
 REQUEST_INPUTS = (
     TensorSpec("prompt", "TYPE_STRING", (1,), optional=False, doc="UTF-8 prompt"),
-    TensorSpec("negative_prompt", "TYPE_STRING", (1,), doc="UTF-8 negative prompt (default empty)"),
+    TensorSpec("negative_prompt", "TYPE_STRING", (1,), doc="UTF-8 negative prompt (absent: empty for SD1.5, zeros "
+                                                           "for SDXL, as diffusers)"),
     TensorSpec("seed", "TYPE_INT64", (1,), doc=f"noise seed (default {DEFAULTS.seed})"),
     TensorSpec("steps", "TYPE_INT32", (1,), doc=f"denoising steps (default {DEFAULTS.steps})"),
-    TensorSpec("guidance_scale", "TYPE_FP32", (1,), doc=f"classifier-free guidance (default {DEFAULTS.guidance_scale})"),
-    TensorSpec("height", "TYPE_INT32", (1,), doc=f"pixels, multiple of 8 (default {DEFAULTS.height})"),
-    TensorSpec("width", "TYPE_INT32", (1,), doc=f"pixels, multiple of 8 (default {DEFAULTS.width})"),
-    TensorSpec("scheduler", "TYPE_STRING", (1,), doc=f"scheduler name (default {DEFAULTS.scheduler})",
-               choices=SCHEDULER_NAMES),
+    TensorSpec("guidance_scale", "TYPE_FP32", (1,), doc="classifier-free guidance (default: the model's, 7.5 for "
+                                                        "SD1.5, 5.0 for SDXL)"),
+    TensorSpec("height", "TYPE_INT32", (1,), doc="pixels, multiple of 8 (default: the control images', else the "
+                                                 "model's: 512 for SD1.5, 1024 for SDXL)"),
+    TensorSpec("width", "TYPE_INT32", (1,), doc="pixels, multiple of 8 (default as height)"),
+    TensorSpec("scheduler", "TYPE_STRING", (1,), doc="sampler, optionally with a sigma schedule (`dpmpp_2m_karras`), "
+                                                     "or its AUTOMATIC1111 name (`DPM++ 2M Karras`); default: the "
+                                                     "model folder's scheduler", choices=SCHEDULER_NAMES),
     TensorSpec("lora_names", "TYPE_STRING", (-1,), doc="LoRA catalog names"),
     TensorSpec("lora_scales", "TYPE_FP32", (-1,), doc="one scale per LoRA (default 1.0 each)"),
     TensorSpec("lora_mode", "TYPE_STRING", (1,), doc="`bounded` (default) or `sync`", choices=LORA_MODES),
@@ -55,6 +59,16 @@ REQUEST_INPUTS = (
                                                       "passes (default false)"),
     TensorSpec("timeout_s", "TYPE_FP32", (1,), doc="seconds the client will wait: the server stops the request "
                                                    "then (default: the server's `max_request_seconds`)"),
+    TensorSpec("prompt_2", "TYPE_STRING", (1,), doc="SDXL: prompt of the second text encoder (default: prompt)"),
+    TensorSpec("negative_prompt_2", "TYPE_STRING", (1,), doc="SDXL: negative prompt of the second text encoder "
+                                                             "(default: negative_prompt)"),
+    TensorSpec("original_size", "TYPE_INT32", (2,), doc="SDXL: size conditioning, height and width (default: the "
+                                                        "image's size)"),
+    TensorSpec("crops_coords_top_left", "TYPE_INT32", (2,), doc="SDXL: crop conditioning, top and left (default 0, 0)"),
+    TensorSpec("target_size", "TYPE_INT32", (2,), doc="SDXL: target size conditioning, height and width (default: "
+                                                      "the image's size)"),
+    TensorSpec("clip_skip", "TYPE_INT32", (1,), doc="text-encoder layers skipped before the family's usual one "
+                                                    "(default 0; 1 is AUTOMATIC1111's 'Clip skip: 2')"),
 )
 REQUIRED_INPUTS = tuple(spec.name for spec in REQUEST_INPUTS if not spec.optional)
 IMAGE_OUTPUT = TensorSpec("image", "TYPE_UINT8", (-1, -1, 3), optional=False, doc="the image, HxWx3")
@@ -103,6 +117,19 @@ def _scales(inputs: dict[str, np.ndarray], name: str, count: int, list_field: st
     return scales
 
 
+def _pair(inputs: dict[str, np.ndarray], name: str) -> tuple[int, int] | None:
+    value = inputs.get(name)
+    if value is None:
+        return None
+    if value.size != 2:
+        raise RequestError(name, f"expected two values, got shape {value.shape}")
+    return tuple(int(x) for x in value.reshape(-1))
+
+
+def _optional(value, convert):
+    return None if value is None else convert(value)
+
+
 def check_required(inputs: dict[str, np.ndarray], names: tuple[str, ...] = REQUIRED_INPUTS) -> None:
     """RequestError naming the first of `names` (required inputs) that the request lacks."""
     for name in names:
@@ -123,54 +150,69 @@ def request_from_tensors(inputs: dict[str, np.ndarray]) -> GenerationRequest:
     if len(controlnet_names) != (len(images) if images.ndim == 4 else -1):
         raise RequestError("controlnet_images", f"got shape {images.shape} for {len(controlnet_names)} ControlNets "
                                                 f"(expected [count, height, width, 3])")
-    deadline = _scalar(inputs, "lora_deadline", None)
-    timeout = _scalar(inputs, "timeout_s", None)
     return GenerationRequest(
         prompt=_scalar(inputs, "prompt", ""),
-        negative_prompt=_scalar(inputs, "negative_prompt", DEFAULTS.negative_prompt),
+        negative_prompt=_scalar(inputs, "negative_prompt", None),
         seed=int(_scalar(inputs, "seed", DEFAULTS.seed)),
         steps=int(_scalar(inputs, "steps", DEFAULTS.steps)),
-        guidance_scale=float(_scalar(inputs, "guidance_scale", DEFAULTS.guidance_scale)),
-        height=int(_scalar(inputs, "height", DEFAULTS.height)),
-        width=int(_scalar(inputs, "width", DEFAULTS.width)),
-        scheduler=_scalar(inputs, "scheduler", DEFAULTS.scheduler),
+        guidance_scale=_optional(_scalar(inputs, "guidance_scale", None), float),
+        height=_optional(_scalar(inputs, "height", None), int),
+        width=_optional(_scalar(inputs, "width", None), int),
+        scheduler=_scalar(inputs, "scheduler", None),
         loras=tuple(LoraUse(n, s) for n, s in zip(lora_names, lora_scales)),
         controlnets=tuple(ControlNetUse(n, np.ascontiguousarray(i), s)
                           for n, i, s in zip(controlnet_names, images, controlnet_scales)),
         lora_mode=_scalar(inputs, "lora_mode", DEFAULTS.lora_mode),
-        lora_deadline=None if deadline is None else int(deadline),
+        lora_deadline=_optional(_scalar(inputs, "lora_deadline", None), int),
         controlnet_mode=_scalar(inputs, "controlnet_mode", DEFAULTS.controlnet_mode),
         cfg_parallel=bool(_scalar(inputs, "cfg_parallel", DEFAULTS.cfg_parallel)),
-        timeout_s=None if timeout is None else float(timeout),
+        timeout_s=_optional(_scalar(inputs, "timeout_s", None), float),
+        prompt_2=_scalar(inputs, "prompt_2", None),
+        negative_prompt_2=_scalar(inputs, "negative_prompt_2", None),
+        original_size=_pair(inputs, "original_size"),
+        crops_coords_top_left=_pair(inputs, "crops_coords_top_left"),
+        target_size=_pair(inputs, "target_size"),
+        clip_skip=_optional(_scalar(inputs, "clip_skip", None), int),
     )
 
 
 def tensors_from_request(request: GenerationRequest) -> dict[str, np.ndarray]:
-    """The inverse, for clients: every tensor with its batch dimension of 1; empty add-on lists are omitted."""
+    """The inverse, for clients: every tensor with its batch dimension of 1; fields left to their defaults (None,
+    empty add-on lists, the default modes) are omitted."""
     tensors = {
-        "prompt": np.array([[request.prompt.encode("utf-8")]], dtype=np.object_),
-        "negative_prompt": np.array([[request.negative_prompt.encode("utf-8")]], dtype=np.object_),
+        "prompt": _strings_tensor([request.prompt]),
         "seed": np.array([[request.seed]], dtype=np.int64),
         "steps": np.array([[request.steps]], dtype=np.int32),
-        "guidance_scale": np.array([[request.guidance_scale]], dtype=np.float32),
-        "height": np.array([[request.height]], dtype=np.int32),
-        "width": np.array([[request.width]], dtype=np.int32),
-        "scheduler": np.array([[request.scheduler.encode()]], dtype=np.object_),
-        "lora_mode": np.array([[request.lora_mode.encode()]], dtype=np.object_),
+        "lora_mode": _strings_tensor([request.lora_mode]),
     }
+    optional = {
+        "negative_prompt": _optional(request.negative_prompt, lambda v: _strings_tensor([v])),
+        "prompt_2": _optional(request.prompt_2, lambda v: _strings_tensor([v])),
+        "negative_prompt_2": _optional(request.negative_prompt_2, lambda v: _strings_tensor([v])),
+        "scheduler": _optional(request.scheduler, lambda v: _strings_tensor([v])),
+        "guidance_scale": _optional(request.guidance_scale, lambda v: np.array([[v]], dtype=np.float32)),
+        "height": _optional(request.height, lambda v: np.array([[v]], dtype=np.int32)),
+        "width": _optional(request.width, lambda v: np.array([[v]], dtype=np.int32)),
+        "lora_deadline": _optional(request.lora_deadline, lambda v: np.array([[v]], dtype=np.int32)),
+        "timeout_s": _optional(request.timeout_s, lambda v: np.array([[v]], dtype=np.float32)),
+        "clip_skip": _optional(request.clip_skip, lambda v: np.array([[v]], dtype=np.int32)),
+        **{name: _optional(getattr(request, name), lambda v: np.array([v], dtype=np.int32))
+           for name in ("original_size", "crops_coords_top_left", "target_size")},
+    }
+    tensors.update({name: value for name, value in optional.items() if value is not None})
     if request.controlnet_mode != DEFAULTS.controlnet_mode:
-        tensors["controlnet_mode"] = np.array([[request.controlnet_mode.encode()]], dtype=np.object_)
+        tensors["controlnet_mode"] = _strings_tensor([request.controlnet_mode])
     if request.cfg_parallel:
         tensors["cfg_parallel"] = np.array([[True]], dtype=np.bool_)
-    if request.lora_deadline is not None:
-        tensors["lora_deadline"] = np.array([[request.lora_deadline]], dtype=np.int32)
-    if request.timeout_s is not None:
-        tensors["timeout_s"] = np.array([[request.timeout_s]], dtype=np.float32)
     if request.loras:
-        tensors["lora_names"] = np.array([[lora.name.encode() for lora in request.loras]], dtype=np.object_)
+        tensors["lora_names"] = _strings_tensor([lora.name for lora in request.loras])
         tensors["lora_scales"] = np.array([[lora.scale for lora in request.loras]], dtype=np.float32)
     if request.controlnets:
-        tensors["controlnet_names"] = np.array([[c.name.encode() for c in request.controlnets]], dtype=np.object_)
+        tensors["controlnet_names"] = _strings_tensor([c.name for c in request.controlnets])
         tensors["controlnet_images"] = np.stack([c.image for c in request.controlnets])[None]
         tensors["controlnet_scales"] = np.array([[c.scale for c in request.controlnets]], dtype=np.float32)
     return tensors
+
+
+def _strings_tensor(values: list[str]) -> np.ndarray:
+    return np.array([[value.encode("utf-8") for value in values]], dtype=np.object_)

@@ -18,15 +18,31 @@ def tiny_root(tmp_path_factory):
     return build_model(tmp_path_factory.mktemp("tiny"), "tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_xl_root(tmp_path_factory):
+    """The built-in tiny SDXL model."""
+    return build_model(tmp_path_factory.mktemp("tiny_xl"), "tiny", seed=0, family="sdxl")
+
+
+@pytest.fixture(scope="session")
+def family_roots(tiny_root, tiny_xl_root) -> dict:
+    return {"sd15": tiny_root, "sdxl": tiny_xl_root}
+
+
 def make_pipeline(root, **kwargs) -> Pipeline:
     model = load_model(root / "model")
-    return Pipeline(model, LocalControlNets(ControlNetCatalog(root / "controlnets")),
-                    LoraStore(root / "loras", model.weight_shapes, model.device, model.dtype), **kwargs)
+    return Pipeline(model, LocalControlNets(ControlNetCatalog(root / "controlnets", family=model.family)),
+                    LoraStore(root / "loras", model.lora_target, model.device, model.dtype), **kwargs)
 
 
 @pytest.fixture(scope="session")
 def pipeline(tiny_root) -> Pipeline:
     return make_pipeline(tiny_root)
+
+
+@pytest.fixture(scope="session")
+def xl_pipeline(tiny_xl_root) -> Pipeline:
+    return make_pipeline(tiny_xl_root)
 
 
 def control_image(seed: int, height: int = 64, width: int = 64) -> np.ndarray:

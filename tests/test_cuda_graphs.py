@@ -40,7 +40,7 @@ def outputs_equal(a: dict, b: dict) -> bool:
 
 
 def some_patch(root, model: LoadedModel):
-    store = LoraStore(root / "loras", model.weight_shapes, model.device, model.dtype)
+    store = LoraStore(root / "loras", model.lora_target, model.device, model.dtype)
     return store.load([LoraUse("character_kohya", 0.8)])
 
 
@@ -83,7 +83,7 @@ def test_patch_and_restore_reach_the_shared_weights(tiny_root, cpu_models):
     model, graphed = cpu_models
     inputs = engine_inputs(model)["unet"]
     before = graphed.engines["unet"](inputs)["noise_pred"].clone()
-    graphed.engines["unet_encoder"].patch(some_patch(tiny_root, model).unet)
+    graphed.engines["unet_encoder"].patch(some_patch(tiny_root, model).patches["unet"])
     patched = graphed.engines["unet"](inputs)["noise_pred"]
     assert torch.equal(patched, model.engines["unet"](inputs)["noise_pred"])
     assert not torch.equal(patched, before)
@@ -94,7 +94,7 @@ def test_patch_and_restore_reach_the_shared_weights(tiny_root, cpu_models):
 def test_cpu_pipeline_matches_eager_pipeline(tiny_root, pipeline, cpu_models):
     model = cpu_models[1]
     graphed = Pipeline(model, LocalControlNets(GraphedControlNetCatalog(tiny_root / "controlnets")),
-                       LoraStore(tiny_root / "loras", model.weight_shapes, model.device, model.dtype))
+                       LoraStore(tiny_root / "loras", model.lora_target, model.device, model.dtype))
     request = GenerationRequest("a red house", "blurry", seed=3, steps=3, height=64, width=64, lora_mode="sync",
                                 controlnets=(ControlNetUse("canny", control_image(1), 1.0),),
                                 loras=(LoraUse("style_peft", 0.7),))
@@ -104,7 +104,7 @@ def test_cpu_pipeline_matches_eager_pipeline(tiny_root, pipeline, cpu_models):
 def test_channels_last_keeps_outputs_and_lora_patching(tiny_root, cpu_models):
     model = cpu_models[0]
     inputs = engine_inputs(model)["unet"]
-    patch = some_patch(tiny_root, model).unet
+    patch = some_patch(tiny_root, model).patches["unet"]
     model.engines["unet"].patch(patch)
     expected = model.engines["unet"](inputs)["noise_pred"]
     model.engines["unet"].restore()
@@ -147,7 +147,7 @@ def test_replay_sees_in_place_patch_and_restore(tiny_root, cuda_models):
     unet = graphed.engines["unet"]
     w0 = {name: p.clone() for name, p in unet.weights.params.items()}
     before = unet(inputs)["noise_pred"].clone()
-    unet.patch(some_patch(tiny_root, model).unet)
+    unet.patch(some_patch(tiny_root, model).patches["unet"])
     patched = unet(inputs)["noise_pred"].clone()
     torch.testing.assert_close(patched, model.engines["unet"](inputs)["noise_pred"], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(patched, before, atol=1e-3)
@@ -178,7 +178,7 @@ def test_graphed_pipeline_matches_eager_on_gpu(tiny_root, cuda_models):
 
     def pipeline(loaded, catalog):
         return Pipeline(loaded, LocalControlNets(catalog(tiny_root / "controlnets", "cuda")),
-                        LoraStore(tiny_root / "loras", loaded.weight_shapes, loaded.device, loaded.dtype))
+                        LoraStore(tiny_root / "loras", loaded.lora_target, loaded.device, loaded.dtype))
 
     eager, replayed = pipeline(model, ControlNetCatalog), pipeline(graphed, GraphedControlNetCatalog)
     canny = ControlNetUse("canny", control_image(1), 1.0)

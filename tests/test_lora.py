@@ -50,7 +50,7 @@ def test_restore_is_bit_exact_after_random_cycles(lora_pipeline):
     sets = [store.load([LoraUse(n, rng.uniform(-1.5, 1.5)) for n in rng.sample(NAMES, rng.randint(1, 3))])
             for _ in range(12)]
     for _ in range(200):
-        engine.patch(rng.choice(sets).unet)
+        engine.patch(rng.choice(sets).patches["unet"])
         if rng.random() < 0.3:
             engine.restore()
     engine.restore()
@@ -60,7 +60,7 @@ def test_restore_is_bit_exact_after_random_cycles(lora_pipeline):
 def test_failure_mid_patch_restores_every_written_layer(lora_pipeline):
     engine = lora_pipeline.model.engines["unet"]
     pristine = unet_weights(lora_pipeline)
-    good = lora_pipeline.loras.load([LoraUse("style_peft", 1.0)]).unet
+    good = lora_pipeline.loras.load([LoraUse("style_peft", 1.0)]).patches["unet"]
     layers = dict(good.layers)
     last = list(layers)[-1]
     # Right shapes (so the up-front check passes) but a dtype addmm_ rejects: fails after the others are written.
@@ -77,7 +77,7 @@ def test_failure_mid_patch_restores_every_written_layer(lora_pipeline):
 def test_only_touched_layers_are_written(lora_pipeline):
     engine = lora_pipeline.model.engines["unet"]
     pristine = unet_weights(lora_pipeline)
-    patch = lora_pipeline.loras.load([LoraUse("style_diffusers", 1.0)]).unet
+    patch = lora_pipeline.loras.load([LoraUse("style_diffusers", 1.0)]).patches["unet"]
     engine.patch(patch)
     changed = {name for name, p in engine.weights.params.items() if not torch.equal(p, pristine[name])}
     assert changed == set(patch.layers)
@@ -106,7 +106,7 @@ class SlowStore(LoraStore):
 def slow_pipeline(tiny_root):
     pipeline = make_pipeline(tiny_root)
     model = pipeline.model
-    pipeline.loras = SlowStore(tiny_root / "loras", model.weight_shapes, model.device, model.dtype)
+    pipeline.loras = SlowStore(tiny_root / "loras", model.lora_target, model.device, model.dtype)
     return pipeline
 
 
@@ -134,12 +134,11 @@ def write_bad_loras(folder, tiny_root) -> dict[str, str]:
     (folder / "bad_garbage.safetensors").write_bytes(b"\x00" * 64 + b"not a safetensors file")
     generator = torch.Generator().manual_seed(0)
     # Right layer names, wrong shapes: a LoRA trained for another model width.
-    wide = {name: (shape[0] * 2, shape[1] * 2) for name, shape in {
-        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32)}.items()}
-    save_file(lora_state_dict(random_lora_factors(wide, 4, generator), {}, "peft", 4, set()),
+    wide = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (64, 64)}
+    save_file(lora_state_dict({"unet": random_lora_factors(wide, 4, generator)}, "peft", 4),
               folder / "bad_wrong_model.safetensors")
     unknown = {"down_blocks.0.attentions.0.transformer_blocks.0.attn9.to_q": (32, 32)}
-    save_file(lora_state_dict(random_lora_factors(unknown, 4, generator), {}, "peft", 4, set()),
+    save_file(lora_state_dict({"unet": random_lora_factors(unknown, 4, generator)}, "peft", 4),
               folder / "bad_unknown_layer.safetensors")
     return {"bad_truncated": "readable", "bad_garbage": "readable", "bad_wrong_model": "do not fit",
             "bad_unknown_layer": "lacks"}
@@ -179,14 +178,14 @@ def test_lora_catalog_over_http_equals_local(tiny_root, lora_pipeline, tmp_path)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         model = lora_pipeline.model
-        remote = LoraStore(f"http://127.0.0.1:{httpd.server_address[1]}", model.weight_shapes, model.device,
+        remote = LoraStore(f"http://127.0.0.1:{httpd.server_address[1]}", model.lora_target, model.device,
                            model.dtype, copies_dir=tmp_path)
         uses = [LoraUse("character_kohya", 0.8), LoraUse("style_peft", 0.3)]
-        local = LoraStore(tiny_root / "loras", model.weight_shapes, model.device, model.dtype)
+        local = LoraStore(tiny_root / "loras", model.lora_target, model.device, model.dtype)
         over_http, local = remote.load(uses), local.load(uses)
         assert over_http.bytes_read == local.bytes_read > 0
         for component in ("unet", "text_encoder"):
-            ours, theirs = getattr(over_http, component).layers, getattr(local, component).layers
+            ours, theirs = over_http.patches[component].layers, local.patches[component].layers
             assert ours.keys() == theirs.keys()
             assert all(torch.equal(ours[k].up, theirs[k].up) and torch.equal(ours[k].down, theirs[k].down)
                        for k in ours)

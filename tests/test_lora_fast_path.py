@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 from swiftdiffusion.engines import LayerDelta
 from swiftdiffusion.lora import DecodePlans, Stager, decode_lora, layout_of, read_lora
 from swiftdiffusion.lora_store import LoraStore
-from swiftdiffusion.models import load_model
+from swiftdiffusion.models import load_components, load_model
 from swiftdiffusion.request import LoraUse
-from swiftdiffusion.tiny import TEXT_LORA_SUFFIXES, UNET_LORA_SUFFIXES, lora_state_dict, lora_targets, random_lora_factors
+from swiftdiffusion.tiny import model_lora_targets, random_lora
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +57,9 @@ def variants(tiny_root, model, tmp_path_factory) -> dict[str, object]:
     peft = load_file(files["style_peft"])
     files["peft_unet_only"] = write(folder / "peft_unet_only.safetensors",
                                     {k: v for k, v in peft.items() if k.startswith("unet.")})
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-    unet_module = UNet2DConditionModel.from_pretrained(tiny_root / "model" / "unet")
-    text_module = CLIPTextModel.from_pretrained(tiny_root / "model" / "text_encoder")
-    unet_targets = lora_targets(unet_module, UNET_LORA_SUFFIXES)
-    text_targets = {"text_model." + n.removeprefix("text_model."): s
-                    for n, s in lora_targets(text_module, TEXT_LORA_SUFFIXES).items()}
-    files["diffusers_with_text"] = write(folder / "diffusers_with_text.safetensors", lora_state_dict(
-        random_lora_factors(unet_targets, 4, generator), random_lora_factors(text_targets, 4, generator),
-        "diffusers", 4, set()))
+    targets = model_lora_targets(load_components(tiny_root / "model", parts=("text", "unet")).lora_modules())
+    files["diffusers_with_text"] = write(folder / "diffusers_with_text.safetensors",
+                                         random_lora(targets, 4, generator, "diffusers", 4))
     return files
 
 
@@ -84,7 +77,7 @@ def assert_same_factors(a, b) -> None:
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_plan_miss_and_hit_equal_the_converters_bit_for_bit(model, variants, name):
-    shapes = model.weight_shapes
+    shapes = model.lora_target
     converters = decode_lora(name, read_lora(name, variants[name]), shapes)
     plans = DecodePlans()
     miss = decode_lora(name, read_lora(name, variants[name]), shapes, plans)
@@ -97,7 +90,7 @@ def test_plan_miss_and_hit_equal_the_converters_bit_for_bit(model, variants, nam
 
 def test_a_plan_serves_another_file_of_its_layout_and_not_one_of_another(model, variants, tmp_path):
     """Same keys and shapes, other values: the plan decodes it exactly; another alpha is another layout."""
-    shapes, plans = model.weight_shapes, DecodePlans()
+    shapes, plans = model.lora_target, DecodePlans()
     decode_lora("first", read_lora("first", variants["character_kohya"]), shapes, plans)
     state = load_file(variants["character_kohya"])
     other = write(tmp_path / "other.safetensors", {k: v if k.endswith(".alpha") else v.flip(0) for k, v in state.items()})
@@ -118,8 +111,8 @@ def copy_catalog(source, folder, names):
 def test_host_cache_hits_repeats_keeps_its_budget_and_sees_changed_files(tiny_root, model, tmp_path):
     catalog = copy_catalog(tiny_root / "loras", tmp_path / "catalog", ("character_kohya", "style_peft"))
     one = read_lora("x", catalog / "style_peft.safetensors")
-    budget_mb = 1 + 2 * decode_lora("x", one, model.weight_shapes).nbytes // (1 << 20)
-    store = LoraStore(catalog, model.weight_shapes, model.device, model.dtype, cache_mb=budget_mb)
+    budget_mb = 1 + 2 * decode_lora("x", one, model.lora_target).nbytes // (1 << 20)
+    store = LoraStore(catalog, model.lora_target, model.device, model.dtype, cache_mb=budget_mb)
     first = store.load([LoraUse("style_peft")])
     again = store.load([LoraUse("style_peft")])
     assert first.cache_hits == 0 and again.cache_hits == 1 and again.bytes_read == 0
@@ -130,9 +123,9 @@ def test_host_cache_hits_repeats_keeps_its_budget_and_sees_changed_files(tiny_ro
     write(catalog / "style_peft.safetensors", {k: v * 2 for k, v in state.items()})
     changed = store.load([LoraUse("style_peft")])
     assert changed.cache_hits == 0
-    fresh = LoraStore(catalog, model.weight_shapes, model.device, model.dtype).load([LoraUse("style_peft")])
-    for weight, delta in fresh.unet.layers.items():
-        assert torch.equal(changed.unet.layers[weight].up, delta.up)
+    fresh = LoraStore(catalog, model.lora_target, model.device, model.dtype).load([LoraUse("style_peft")])
+    for weight, delta in fresh.patches["unet"].layers.items():
+        assert torch.equal(changed.patches["unet"].layers[weight].up, delta.up)
 
 
 @pytest.fixture
@@ -149,7 +142,7 @@ def http_catalog(tiny_root, tmp_path):
 def test_prefetched_copies_are_used_and_never_stale(model, http_catalog, tmp_path):
     catalog, url = http_catalog
     copies = tmp_path / "copies"
-    store = LoraStore(url, model.weight_shapes, model.device, model.dtype, copies_dir=copies, cache_mb=0)
+    store = LoraStore(url, model.lora_target, model.device, model.dtype, copies_dir=copies, cache_mb=0)
     store.source.prefetch(["style_peft", "no_such_lora", "../escape"])  # bad names: left for the request
     deadline = time.monotonic() + 30
     while not list(copies.glob("style_peft.*.safetensors")) and time.monotonic() < deadline:
@@ -162,16 +155,16 @@ def test_prefetched_copies_are_used_and_never_stale(model, http_catalog, tmp_pat
     write(catalog / "style_peft.safetensors", {**{k: v * 3 for k, v in state.items()}, "extra": torch.zeros(7)})
     os.utime(catalog / "style_peft.safetensors", (time.time() + 5, time.time() + 5))
     changed = store.load([LoraUse("style_peft")])
-    local = LoraStore(catalog, model.weight_shapes, model.device, model.dtype).load([LoraUse("style_peft")])
-    for weight, delta in local.unet.layers.items():
-        assert torch.equal(changed.unet.layers[weight].up, delta.up)
-        assert not torch.equal(served.unet.layers[weight].up, delta.up)
+    local = LoraStore(catalog, model.lora_target, model.device, model.dtype).load([LoraUse("style_peft")])
+    for weight, delta in local.patches["unet"].layers.items():
+        assert torch.equal(changed.patches["unet"].layers[weight].up, delta.up)
+        assert not torch.equal(served.patches["unet"].layers[weight].up, delta.up)
     assert len(list(copies.glob("style_peft.*.safetensors"))) == 2
 
 
 def test_copies_keep_their_byte_budget(model, http_catalog, tmp_path):
     catalog, url = http_catalog
-    store = LoraStore(url, model.weight_shapes, model.device, model.dtype, copies_dir=tmp_path / "copies")
+    store = LoraStore(url, model.lora_target, model.device, model.dtype, copies_dir=tmp_path / "copies")
     store.source.copies.budget_bytes = (catalog / "style_peft.safetensors").stat().st_size
     store.load([LoraUse("character_kohya")])
     store.load([LoraUse("style_peft")])

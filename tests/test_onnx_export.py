@@ -1,5 +1,6 @@
-"""ONNX export of the tiny model: every graph against torch in onnxruntime, the files' names and dimensions, and LoRAs
-merged through the weight maps (exactly what the TensorRT refitter is given) against the torch engines' own merge."""
+"""ONNX export of the tiny models of both families: every graph against torch in onnxruntime, the files' names and
+dimensions, and LoRAs merged through the weight maps (exactly what the TensorRT refitter is given) against the torch
+engines' own merge."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from swiftdiffusion.models import ModelComponents, load_components, torch_engine
 from swiftdiffusion.onnx_export import WeightEntry, WeightMap
 
 TOLERANCE = 1e-4
-GRAPHS = {"text_encoder", "unet", "unet_encoder", "unet_decoder", "vae_decoder", "controlnet_canny", "controlnet_depth"}
+GRAPHS = {"unet", "unet_encoder", "unet_decoder", "vae_decoder", "controlnet_canny", "controlnet_depth"}
 
 
 class Exported(NamedTuple):
@@ -40,13 +41,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_root, tmp_path_factory, one_thread) -> Exported:
-    components = load_components(tiny_root / "model")
-    controlnets = {name: tiny_root / "controlnets" / name for name in tiny.CONTROLNET_NAMES}
-    out = tmp_path_factory.mktemp("onnx")
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def exported(request, family_roots, tmp_path_factory, one_thread) -> Exported:
+    root = family_roots[request.param]
+    components = load_components(root / "model")
+    controlnets = {name: root / "controlnets" / name for name in tiny.CONTROLNET_NAMES}
+    out = tmp_path_factory.mktemp(f"onnx_{request.param}")
     manifest = onnx_export.export_model(components, controlnets, out, log=lambda line: None)
-    return Exported(tiny_root, out, components, manifest)
+    return Exported(root, out, components, manifest)
 
 
 def sources(components) -> dict[str, onnx_export.GraphSource]:
@@ -65,7 +67,8 @@ def session(path: Path, replaced: dict[str, np.ndarray] | None = None) -> onnxru
 
 def test_every_graph_matches_torch_at_both_sizes_and_batches(exported):
     manifest = exported.manifest
-    assert set(manifest["graphs"]) == GRAPHS and manifest["opset"] >= 17
+    assert set(manifest["graphs"]) == GRAPHS | set(exported.components.family.text_components)
+    assert manifest["opset"] >= 17
     for name, graph in manifest["graphs"].items():
         checks = {(c["batch"], c["height"], c["width"]): c["max_abs_diff"] for c in graph["checks"]}
         assert set(checks) == {(1, 8, 8), (2, 8, 8), (1, 12, 8), (2, 12, 8)}, name
@@ -96,9 +99,10 @@ def test_weight_maps_hold_every_lora_target(exported):
     _, out, components, manifest = exported
     maps = {name: WeightMap.load(out / graph["weights"])
             for name, graph in manifest["graphs"].items() if "weights" in graph}
-    assert set(maps) == {"unet", "unet_encoder", "unet_decoder", "text_encoder"}
+    texts = components.family.text_components
+    assert set(maps) == {"unet", "unet_encoder", "unet_decoder", *texts}
     modules = {"unet": components.unet, "unet_encoder": components.unet, "unet_decoder": components.unet,
-               "text_encoder": components.text_encoder}
+               **{name: getattr(components, name) for name in texts}}
     for name, weight_map in maps.items():
         params = dict(modules[name].named_parameters())
         # Every parameter is accounted for once: mapped, unused by this graph, or listed as unmappable.
@@ -110,14 +114,15 @@ def test_weight_maps_hold_every_lora_target(exported):
             value = params[param].detach().numpy()
             value = value.T if entry.transform == "transpose" else value.reshape(stored[entry.initializer].shape)
             assert np.array_equal(value, stored[entry.initializer]), (name, param)
-    unet_targets = {f"{m}.weight" for m in tiny.lora_targets(components.unet, tiny.UNET_LORA_SUFFIXES)}
-    text_targets = {f"{m}.weight" for m in tiny.lora_targets(components.text_encoder, tiny.TEXT_LORA_SUFFIXES)}
-    assert len(unet_targets) == 12 * 16 and len(text_targets) == 4 * 2
+    targets = {"unet": {f"{m}.weight" for m in tiny.lora_targets(components.unet, tiny.UNET_LORA_SUFFIXES)},
+               **{name: {f"{m}.weight" for m in tiny.lora_targets(modules[name], tiny.TEXT_LORA_SUFFIXES)}
+                  for name in texts}}
+    assert all(targets.values())
     halves = set(maps["unet_encoder"].weights) | set(maps["unet_decoder"].weights)
-    assert unet_targets <= set(maps["unet"].weights) and unet_targets <= halves
-    assert text_targets <= set(maps["text_encoder"].weights)
-    for name, targets in (("unet", unet_targets), ("text_encoder", text_targets)):
-        initializers = [maps[name].weights[t].initializer for t in targets]
+    assert targets["unet"] <= set(maps["unet"].weights) and targets["unet"] <= halves
+    for name, names in targets.items():
+        assert names <= set(maps[name].weights), name
+        initializers = [maps[name].weights[t].initializer for t in names]
         assert len(set(initializers)) == len(initializers), "two LoRA targets share an initializer"
 
 
@@ -126,10 +131,10 @@ def test_lora_merged_through_weight_map_matches_torch(exported):
     components = load_components(root / "model")
     loaded = torch_engines(components, "cpu", torch.float32)
     lora = decode_lora("character_kohya", read_lora("character_kohya", root / "loras" / "character_kohya.safetensors"),
-                       loaded.weight_shapes)
-    assert lora.touches("unet") and lora.touches("text_encoder")
+                       loaded.lora_target)
+    assert all(lora.touches(component) for component in components.family.lora_components)
     graph_sources = sources(components)
-    for name in ("text_encoder", "unet", "unet_encoder", "unet_decoder"):
+    for name in (*components.family.text_components, "unet", "unet_encoder", "unet_decoder"):
         graph = manifest["graphs"][name]
         path = out / graph["file"]
         weight_map = WeightMap.load(out / graph["weights"])

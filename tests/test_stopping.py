@@ -138,7 +138,7 @@ def test_a_file_with_a_nan_is_refused_before_any_weight_is_written(tiny_root, tm
     state[sorted(k for k in state if "lora_up" in k)[0]].view(-1)[7] = float("nan")
     save_file(state, tmp_path / "nan_values.safetensors")
     for dtype in (torch.float32, torch.float16):
-        store = LoraStore(tmp_path, own_pipeline.model.weight_shapes, torch.device("cpu"), dtype)
+        store = LoraStore(tmp_path, own_pipeline.model.lora_target, torch.device("cpu"), dtype)
         with pytest.raises(RequestError, match=r"^lora_names: LoRA 'nan_values' has non-finite values \(layer "):
             store.load([LoraUse("nan_values")])
 
@@ -149,7 +149,7 @@ def test_factors_beyond_float16_are_refused_in_a_float16_store(tiny_root, tmp_pa
     up, down = sorted(k for k in state if "lora_B" in k)[0], sorted(k for k in state if "lora_A" in k)[0]
     state[up], state[down] = state[up] * 1e5, state[down] * 1e-5
     save_file(state, tmp_path / "wide.safetensors")
-    shapes = own_pipeline.model.weight_shapes
+    shapes = own_pipeline.model.lora_target
     LoraStore(tmp_path, shapes, torch.device("cpu"), torch.float32).load([LoraUse("wide")])
     with pytest.raises(RequestError, match=r"^lora_names: a LoRA of this request has values beyond torch.float16"):
         LoraStore(tmp_path, shapes, torch.device("cpu"), torch.float16).load([LoraUse("wide")])

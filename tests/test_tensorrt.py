@@ -76,7 +76,7 @@ def test_tensorrt_unet_matches_torch_and_refits_loras(built):
     torch.testing.assert_close(plain, reference(inputs)["noise_pred"], atol=1e-3, rtol=1e-3)
 
     path = root / "loras" / "character_kohya.safetensors"
-    lora = decode_lora("kohya", read_lora("kohya", path), loaded.weight_shapes)
+    lora = decode_lora("kohya", read_lora("kohya", path), loaded.lora_target)
     patch = build_patch("unet", [(lora, 0.8)], torch.device("cpu"), torch.float32)
     refits = []
     refit = engine._refit

@@ -1,7 +1,7 @@
 """`baseline_diffusers`: the way a typical Triton + diffusers deployment serves the same requests, to measure against.
 
-One Python model holds a `StableDiffusionControlNetPipeline` and a `StableDiffusionPipeline` over the same modules
-and runs each request start to finish, eagerly: per request `load_lora_weights` (one adapter per LoRA) +
+One Python model holds the model family's diffusers pipelines (`StableDiffusion(XL)Pipeline` and
+`StableDiffusion(XL)ControlNetPipeline`) over the same modules and runs each request start to finish, eagerly: per request `load_lora_weights` (one adapter per LoRA) +
 `set_adapters` + `fuse_lora`, the pipeline call (ControlNets as a `MultiControlNetModel`, run in series), then
 `unfuse_lora` + `unload_lora_weights`. ControlNets are loaded once per name and kept, as deployments usually do.
 It takes the request schema of `text_to_image` and validates it the same way, so one client and one load
@@ -18,18 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel, PNDMScheduler
+from diffusers import ControlNetModel
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
 from transformers.utils import logging as transformers_logging
 
 from ..catalog import resolve
-from ..diffusers_baseline import call_kwargs, fused_loras, to_uint8
+from ..conditioning import check_request
+from ..controlnets import controlnet_folder
+from ..diffusers_baseline import call_kwargs, fused_loras, pipelines, to_uint8
 from ..lora_store import LoraSource
-from ..models import load_components
-from ..pipeline import SCHEDULERS
-from ..request import GenerationRequest, RequestError, validate
+from ..models import cast, load_components
+from ..request import GenerationRequest, RequestError, validate, with_defaults
+from ..schedulers import make_scheduler
 from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, request_from_tensors
 from .metrics import SECONDS_BUCKETS
 from .serving import REQUEST_FIELDS, ModelBase
@@ -43,21 +45,13 @@ class BaselineDiffusersModel(ModelBase):
         transformers_logging.set_verbosity_error()
         diffusers_logging.set_verbosity_error()
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        # Imported after that: the pipeline modules import transformers' image processors, which warn without
-        # torchvision although no pipeline here uses one.
-        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
-
         # What `from_pretrained` / `from_single_file` load, through the loader ours uses: a folder or a checkpoint.
-        parts = load_components(self.params["model"], self.params.get("model_config"))
-        self.pipe = StableDiffusionPipeline(
-            vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-            scheduler=PNDMScheduler.from_config(parts.scheduler_config), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False).to(self.device, self.dtype)
-        self.control_pipe = StableDiffusionControlNetPipeline(controlnet=MultiControlNetModel([]),
-                                                              **self.pipe.components)
-        for pipe in (self.pipe, self.control_pipe):
-            pipe.set_progress_bar_config(disable=True)
-        self.scheduler_config = dict(self.pipe.scheduler.config)
+        self.parts = load_components(self.params["model"], self.params.get("model_config"))
+        for module in self.parts.pipeline_parts().values():
+            if isinstance(module, torch.nn.Module):
+                cast(module, self.device, self.dtype)
+        self.pipe, self.control_pipe = pipelines(self.parts, make_scheduler(None, self.parts.scheduler_config, 0))
+        self.scheduler_config = self.parts.scheduler_config
         self.controlnet_root = Path(self.params["controlnet_catalog"])
         self.controlnets: dict[str, ControlNetModel] = {}
         # The catalog's name rules and fetching (local folder or fsspec URL), as ours.
@@ -72,8 +66,7 @@ class BaselineDiffusersModel(ModelBase):
 
     def _run(self, request):
         try:
-            generation = request_from_tensors(self.inputs(request, REQUEST_FIELDS))
-            self.check(generation)
+            generation = self.check(request_from_tensors(self.inputs(request, REQUEST_FIELDS)))
             image = self.generate(generation)
             return self.pb.InferenceResponse([
                 self.tensor(IMAGE_OUTPUT.name, image[None]),
@@ -81,18 +74,22 @@ class BaselineDiffusersModel(ModelBase):
         except Exception as error:  # one bad request must not take the instance down
             return self.error(error)
 
-    def check(self, request: GenerationRequest) -> None:
-        """The same RequestErrors as `text_to_image`, before any work starts."""
+    def check(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with the model's defaults; the same RequestErrors as `text_to_image`, before any work
+        starts."""
+        request = with_defaults(request, self.parts.defaults)
         validate(request, self.limits())
+        check_request(request, self.parts.family, self.parts.text_layers)
         for lora in request.loras:
             self.lora_files.locate(lora.name)
         for control in request.controlnets:
-            resolve(self.controlnet_root, control.name, "", "controlnet_names")
+            controlnet_folder(self.controlnet_root, control.name, self.parts.family)
+        return request
 
     def controlnet(self, name: str) -> ControlNetModel:
         if name not in self.controlnets:
             self.controlnets[name] = ControlNetModel.from_pretrained(
-                resolve(self.controlnet_root, name, "", "controlnet_names"), torch_dtype=self.dtype,
+                controlnet_folder(self.controlnet_root, name, self.parts.family), torch_dtype=self.dtype,
                 local_files_only=True).to(self.device)
         return self.controlnets[name]
 
@@ -103,7 +100,7 @@ class BaselineDiffusersModel(ModelBase):
             pipe.controlnet = MultiControlNetModel([self.controlnet(c.name) for c in request.controlnets])
         else:
             pipe = self.pipe
-        pipe.scheduler = SCHEDULERS[request.scheduler].from_config(self.scheduler_config)
+        pipe.scheduler = make_scheduler(request.scheduler, self.scheduler_config, request.seed)
         begin = time.perf_counter()
         with fused_loras(pipe, [self._lora_state(lora.name) for lora in request.loras],
                          [lora.scale for lora in request.loras]):

@@ -16,11 +16,12 @@ from pathlib import Path
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig
 
-from ..graphs import skip_names, skip_count
+from ..family import TIME_IDS, ModelFamily, family_of
+from ..graphs import skip_count, skip_names
 from ..request import Limits
 from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, PROGRESS_OUTPUTS, REQUEST_INPUTS, TensorSpec
 from .prefetch import PREFETCHED
-from .serving import ARRIVED_AT, PROMPT_INPUTS
+from .serving import ARRIVED_AT, TEXT_INPUTS, controlnet_inputs, text_outputs
 
 # What clients send, every input optional in the configs: Triton 2.51's ensemble answers a missing required input
 # with "unexpected deadlock ...", so the models check required fields themselves and name them ("prompt: required").
@@ -99,13 +100,27 @@ def _python(name: str, max_batch_size: int, body: str, batching: bool = False, d
     return text + body
 
 
+def conditioning_specs(config_root: Path, family: ModelFamily, unet_config: dict) -> dict[str, TensorSpec]:
+    """The conditioning tensors of the model, without the batch dimension (leading -1: rows of a CFG batch): the
+    prompt embeddings, the pooled text embedding and the size ids of SDXL."""
+    specs = {"encoder_hidden_states": TensorSpec("encoder_hidden_states", "TYPE_FP32",
+                                                 (-1, 77, unet_config["cross_attention_dim"]), optional=False)}
+    for part in family.text_encoders:
+        if part.projected:
+            width = CLIPTextConfig.from_pretrained(config_root / part.component).projection_dim
+            specs["text_embeds"] = TensorSpec("text_embeds", "TYPE_FP32", (-1, width), optional=False)
+    if "time_ids" in family.added_conditioning:
+        specs["time_ids"] = TensorSpec("time_ids", "TYPE_FP32", (-1, TIME_IDS), optional=False)
+    return specs
+
+
 def render_configs(deployment: Deployment) -> dict[str, str]:
-    """config.pbtxt text per model."""
+    """config.pbtxt text per model, for the family of the deployment's model folder."""
     config_root = deployment.model_config or deployment.model
-    text_width = CLIPTextConfig.from_pretrained(config_root / "text_encoder").hidden_size
     unet_config = UNet2DConditionModel.load_config(config_root / "unet")
+    family = family_of(unet_config)
     latent_channels = unet_config["in_channels"]
-    skips = skip_names(skip_count(argparse.Namespace(**unet_config)))
+    skips = skip_names(skip_count(unet_config))
     common = {"dtype": deployment.dtype, "torch_threads": deployment.torch_threads,
               "compile": int(deployment.compile)}
     model = {"model": deployment.model.resolve(), **common}
@@ -113,7 +128,10 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
         model["model_config"] = deployment.model_config.resolve()
     catalogs = {"controlnet_catalog": deployment.controlnet_catalog.resolve(),
                 "lora_catalog": deployment.lora_catalog, "lora_copies": deployment.lora_copies}
-    embeddings = TensorSpec("text_embeddings", "TYPE_FP32", (2, 77, text_width), optional=False)
+    conditioning = conditioning_specs(config_root, family, unet_config)
+    # The text encoder model's outputs: its rows are always [negative, positive].
+    encoded = [dataclasses.replace(conditioning[name], dims=(2, *conditioning[name].dims[1:]))
+               for name in text_outputs(family)]
     arrived = TensorSpec(ARRIVED_AT, "TYPE_FP64", (1,))
     prefetched = TensorSpec(PREFETCHED, "TYPE_INT32", (1,))
     # The prefetch step also takes the arrival stamp, which it ignores: a request without LoRAs would reach it with
@@ -121,32 +139,33 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
     prefetch_inputs = [next(spec for spec in CLIENT_INPUTS if spec.name == "lora_names"),
                        dataclasses.replace(arrived, optional=False)]
     latents = TensorSpec("latents", "TYPE_FP32", (latent_channels, -1, -1), optional=False)
-    prompt_inputs = [s for s in CLIENT_INPUTS if s.name in PROMPT_INPUTS]
+    text_inputs = [s for s in CLIENT_INPUTS if s.name in TEXT_INPUTS]
     limits = {"max_steps": deployment.limits.max_steps, "max_size": deployment.limits.max_size,
               "max_request_seconds": deployment.limits.max_request_seconds,
               "lora_deadline_fraction": deployment.lora_deadline_fraction}
-    controlnet_inputs = [
-        TensorSpec("controlnet_name", "TYPE_STRING", (1,), optional=False),
-        TensorSpec("sample", "TYPE_FP32", (-1, latent_channels, -1, -1), optional=False),
-        TensorSpec("timestep", "TYPE_FP32", (1,), optional=False),
-        TensorSpec("encoder_hidden_states", "TYPE_FP32", (-1, 77, text_width), optional=False),
-        TensorSpec("controlnet_cond", "TYPE_FP32", (-1, 3, -1, -1), optional=False),
-    ]
+    controlnet_tensors = {
+        "sample": TensorSpec("sample", "TYPE_FP32", (-1, latent_channels, -1, -1), optional=False),
+        "timestep": TensorSpec("timestep", "TYPE_FP32", (1,), optional=False),
+        **conditioning,
+        "controlnet_cond": TensorSpec("controlnet_cond", "TYPE_FP32", (-1, 3, -1, -1), optional=False),
+    }
+    controlnet_io = [TensorSpec("controlnet_name", "TYPE_STRING", (1,), optional=False),
+                     *(controlnet_tensors[name] for name in controlnet_inputs(family))]
     residuals = [TensorSpec(name, "TYPE_FP32", (-1, -1, -1, -1), optional=False) for name in (*skips, "mid")]
     denoiser_params = {**model, **catalogs, **limits, "controlnet_model": "controlnet",
                        "cfg_device": deployment.cfg_device, "lora_cache_mb": deployment.lora_cache_mb}
     configs = {
-        "text_encoder": _python("text_encoder", 8, _io(prompt_inputs, [embeddings, arrived]) + _instances(
+        "text_encoder": _python("text_encoder", 8, _io(text_inputs, [*encoded, arrived]) + _instances(
             deployment, "text_encoder") + _parameters(model), batching=True),
         "vae_decoder": _python("vae_decoder", 4, _io([latents], [IMAGE_OUTPUT]) + _instances(
             deployment, "vae_decoder") + _parameters(model), batching=True),
-        "controlnet": _python("controlnet", 0, _io(controlnet_inputs, residuals) + _instances(
+        "controlnet": _python("controlnet", 0, _io(controlnet_io, residuals) + _instances(
             deployment, "controlnet", deployment.controlnet_instances) + _parameters(
-            {**common, "controlnet_catalog": catalogs["controlnet_catalog"],
+            {**common, "family": family.name, "controlnet_catalog": catalogs["controlnet_catalog"],
              "resident_controlnets": deployment.resident_controlnets})),
         "lora_prefetch": _python("lora_prefetch", 1, _io(prefetch_inputs, [prefetched]) + _instances(
             deployment, "lora_prefetch") + _parameters(catalogs)),
-        "denoiser": _python("denoiser", 1, _io([*CLIENT_INPUTS, embeddings, arrived, prefetched],
+        "denoiser": _python("denoiser", 1, _io([*CLIENT_INPUTS, *encoded, arrived, prefetched],
                                                [latents, LORA_STEP_OUTPUT])
                             + _instances(deployment, "denoiser") + _parameters(denoiser_params),
                             max_queue=deployment.max_queue),
@@ -154,7 +173,7 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
             "text_to_image_stream", 1, _io(CLIENT_INPUTS, [IMAGE_OUTPUT, LORA_STEP_OUTPUT, *PROGRESS_OUTPUTS])
             + _instances(deployment, "denoiser") + _parameters(denoiser_params), decoupled=True,
             max_queue=deployment.max_queue),
-        "text_to_image": _ensemble(),
+        "text_to_image": _ensemble(text_outputs(family)),
     }
     if deployment.baseline:
         # The benchmark's baseline (swiftdiffusion.triton.baseline): same schema, placed like the denoiser.
@@ -166,36 +185,28 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
     return configs
 
 
-def _ensemble() -> str:
-    """text_encoder -> lora_prefetch -> denoiser -> vae_decoder, every request field passed through by its own
-    name."""
-    names = [s.name for s in REQUEST_INPUTS]
-    denoiser_inputs = "\n".join(f"        input_map {{ key: \"{n}\" value: \"{n}\" }}" for n in names)
-    return (
-        "name: \"text_to_image\"\nplatform: \"ensemble\"\nmax_batch_size: 1\n"
-        + _io(CLIENT_INPUTS, [IMAGE_OUTPUT, LORA_STEP_OUTPUT])
-        + "ensemble_scheduling {\n  step [\n"
-        "    {\n      model_name: \"text_encoder\"\n      model_version: -1\n"
-        "        input_map { key: \"prompt\" value: \"prompt\" }\n"
-        "        input_map { key: \"negative_prompt\" value: \"negative_prompt\" }\n"
-        "        output_map { key: \"text_embeddings\" value: \"text_embeddings\" }\n"
-        f"        output_map {{ key: \"{ARRIVED_AT}\" value: \"{ARRIVED_AT}\" }}\n    }},\n"
-        "    {\n      model_name: \"lora_prefetch\"\n      model_version: -1\n"
-        f"        input_map {{ key: \"{ARRIVED_AT}\" value: \"{ARRIVED_AT}\" }}\n"
-        "        input_map { key: \"lora_names\" value: \"lora_names\" }\n"
-        f"        output_map {{ key: \"{PREFETCHED}\" value: \"{PREFETCHED}\" }}\n    }},\n"
-        "    {\n      model_name: \"denoiser\"\n      model_version: -1\n"
-        f"{denoiser_inputs}\n"
-        "        input_map { key: \"text_embeddings\" value: \"text_embeddings\" }\n"
-        f"        input_map {{ key: \"{ARRIVED_AT}\" value: \"{ARRIVED_AT}\" }}\n"
-        f"        input_map {{ key: \"{PREFETCHED}\" value: \"{PREFETCHED}\" }}\n"
-        "        output_map { key: \"latents\" value: \"latents\" }\n"
-        "        output_map { key: \"lora_step\" value: \"lora_step\" }\n    },\n"
-        "    {\n      model_name: \"vae_decoder\"\n      model_version: -1\n"
-        "        input_map { key: \"latents\" value: \"latents\" }\n"
-        "        output_map { key: \"image\" value: \"image\" }\n    }\n"
-        "  ]\n}\n"
-    )
+def _maps(kind: str, names) -> str:
+    return "".join(f"        {kind} {{ key: \"{n}\" value: \"{n}\" }}\n" for n in names)
+
+
+def _step(model: str, inputs, outputs) -> str:
+    return (f"    {{\n      model_name: \"{model}\"\n      model_version: -1\n"
+            + _maps("input_map", inputs) + _maps("output_map", outputs) + "    }")
+
+
+def _ensemble(encoded: tuple[str, ...]) -> str:
+    """text_encoder -> lora_prefetch -> denoiser -> vae_decoder, every tensor passed on under its own name."""
+    text_fields = [s.name for s in REQUEST_INPUTS if s.name in TEXT_INPUTS]
+    steps = [
+        _step("text_encoder", text_fields, [*encoded, ARRIVED_AT]),
+        _step("lora_prefetch", [ARRIVED_AT, "lora_names"], [PREFETCHED]),
+        _step("denoiser", [*(s.name for s in REQUEST_INPUTS), *encoded, ARRIVED_AT, PREFETCHED],
+              ["latents", "lora_step"]),
+        _step("vae_decoder", ["latents"], ["image"]),
+    ]
+    return ("name: \"text_to_image\"\nplatform: \"ensemble\"\nmax_batch_size: 1\n"
+            + _io(CLIENT_INPUTS, [IMAGE_OUTPUT, LORA_STEP_OUTPUT])
+            + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n")
 
 
 def write_repository(out: Path, deployment: Deployment) -> Path:

@@ -24,15 +24,16 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from ..catalog import resolve
-from ..controlnets import ControlNetCatalog
-from ..lora_store import LoraStore
+from ..conditioning import Prompts, TextConditioner, check_clip_skip
+from ..controlnets import ControlNetCatalog, controlnet_folder
 from ..cuda_graphs import GraphedControlNetCatalog, graph_engines
-from ..graphs import residual_names
+from ..family import FAMILIES, ModelFamily
+from ..graphs import residual_names, unet_inputs
+from ..lora_store import LoraStore
 from ..models import LoadedModel, load_model
 from ..pipeline import DenoiseResult, Pipeline, to_uint8, uses_guidance
 from ..request import Limits, RequestError, RequestStopped, stop_condition
-from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, REQUEST_INPUTS, check_required, request_from_tensors
+from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, REQUEST_INPUTS, request_from_tensors
 from .metrics import LoraMetrics, RequestMetrics
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -122,50 +123,49 @@ class ModelBase:
                       max_request_seconds=float(self.params.get("max_request_seconds", Limits.max_request_seconds)))
 
 
-# ---- text encoder ---------------------------------------------------------------------------------------------
-PROMPT_INPUTS = ("prompt", "negative_prompt")
-# Outputs of the ensemble's first step besides the embeddings: when the request arrived (time.monotonic(), one
-# clock for every process of the host), from which the denoiser counts the request's time budget.
+# ---- text encoder ----------------------------------------------------------------------------------------------
+TEXT_INPUTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "clip_skip")
+# Outputs of the ensemble's first step besides the text encoders' (`text_outputs`): when the request arrived
+# (time.monotonic(), one clock for every process of the host), from which the denoiser counts the request's time
+# budget.
 ARRIVED_AT = "arrived_at"
 
 
+def text_outputs(family: ModelFamily) -> tuple[str, ...]:
+    """What the text encoder model hands the denoiser, rows [negative, positive]: the prompt embeddings, and the
+    pooled embedding of a family with a projected encoder (SDXL's `text_embeds`)."""
+    projected = any(part.projected for part in family.text_encoders)
+    return ("encoder_hidden_states", "text_embeds") if projected else ("encoder_hidden_states",)
+
+
 class TextEncoderModel(ModelBase):
-    """Prompt pairs of every request in the batch, encoded in one call: [batch, 2 (negative, positive), 77, D].
+    """The prompts of every request in the batch, encoded in one call per text encoder: for each request its
+    `text_outputs`, [1, 2 (negative, positive), ...].
 
     As the ensemble's first step it also rejects a request without `prompt` (the ensemble itself would only
-    report a deadlock) and stamps its arrival time.
+    report a deadlock) or with a `clip_skip` its text encoders cannot take, and stamps its arrival time.
     """
 
     def setup(self) -> None:
-        self.model = self.load(("text_encoder",))
-        self.pipeline = Pipeline(self.model)
+        self.model = self.load(("text",))
+        self.text = TextConditioner(self.model)
 
     def execute(self, requests):
         arrived = np.array([[time.monotonic()]], np.float64)
-        texts, responses = [], [None] * len(requests)
+        batch, responses = [], [None] * len(requests)
         for i, request in enumerate(requests):
             try:
-                found = self.inputs(request, PROMPT_INPUTS)
-                check_required(found, ("prompt",))
-                texts.append((i, [_text(found.get("negative_prompt")), _text(found["prompt"])]))
+                fields = request_from_tensors(self.inputs(request, TEXT_INPUTS))
+                check_clip_skip(fields.clip_skip, self.model.family, self.model.text_layers)
+                batch.append((i, Prompts.of(fields)))
             except RequestError as error:
                 responses[i] = self.error(error)
-        if texts:
-            ids = self.pipeline.tokenize([text for _, pair in texts for text in pair])
-            embeddings = self.model.engines["text_encoder"]({"input_ids": ids})["text_embeddings"]
-            embeddings = embeddings.reshape(len(texts), 2, *embeddings.shape[1:])
-            for row, (i, _) in enumerate(texts):
-                responses[i] = self.pb.InferenceResponse([self.tensor("text_embeddings", embeddings[row:row + 1]),
-                                                          self.tensor(ARRIVED_AT, arrived)])
+        if batch:
+            encoded = self.text([prompts for _, prompts in batch], guided=True)
+            for row, (i, _) in enumerate(batch):
+                tensors = [self.tensor(name, value[2 * row:2 * row + 2][None]) for name, value in encoded.items()]
+                responses[i] = self.pb.InferenceResponse([*tensors, self.tensor(ARRIVED_AT, arrived)])
         return responses
-
-
-def _text(value: np.ndarray | None) -> str:
-    """Lenient here: invalid UTF-8 is the denoiser's to reject (with the field's name); encode what decodes."""
-    if value is None:
-        return ""
-    item = value.reshape(-1)[0]
-    return item.decode("utf-8", errors="replace") if isinstance(item, bytes) else str(item)
 
 
 # ---- VAE decoder ----------------------------------------------------------------------------------------------
@@ -176,6 +176,7 @@ class VaeDecoderModel(ModelBase):
         self.engine = self.load(("vae",)).engines["vae_decoder"]
 
     def execute(self, requests):
+        # The VAE graph casts to its own dtype (fp32 for an SDXL VAE that asks for `force_upcast`).
         latents = torch.cat([torch.from_numpy(self.pb.get_input_tensor_by_name(r, "latents").as_numpy())
                              for r in requests]).to(self.device, self.dtype)
         images = to_uint8(self.engine({"latent": latents})["image"])
@@ -184,15 +185,21 @@ class VaeDecoderModel(ModelBase):
 
 
 # ---- ControlNet -----------------------------------------------------------------------------------------------
-CONTROLNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond")
+def controlnet_inputs(family: ModelFamily) -> tuple[str, ...]:
+    """A ControlNet call's tensors besides its name: the UNet's inputs (the family's added conditioning included)
+    and the control image."""
+    return (*unet_inputs(family), "controlnet_cond")
 
 
 class ControlNetServiceModel(ModelBase):
-    """Any ControlNet of the catalog by name; the most recently used stay loaded on this instance's device."""
+    """Any ControlNet of the catalog by name (of the model's family); the most recently used stay loaded on this
+    instance's device."""
 
     def setup(self) -> None:
+        family = FAMILIES[self.params.get("family", "sd15")]
+        self.input_names = controlnet_inputs(family)
         args = (self.params["controlnet_catalog"], self.device, self.dtype,
-                int(self.params.get("resident_controlnets", "4")))
+                int(self.params.get("resident_controlnets", "4")), family)
         gpu = self.device.type == "cuda"
         self.catalog = (GraphedControlNetCatalog(*args, channels_last=True, compile=self.compile) if gpu
                         else ControlNetCatalog(*args))
@@ -205,9 +212,10 @@ class ControlNetServiceModel(ModelBase):
 
     def _run(self, request):
         try:
-            name = _text(self.pb.get_input_tensor_by_name(request, "controlnet_name").as_numpy())
+            name = self.pb.get_input_tensor_by_name(request, "controlnet_name").as_numpy().reshape(-1)[0]
+            name = name.decode("utf-8", errors="replace") if isinstance(name, bytes) else str(name)
             inputs = {n: torch.from_numpy(self.pb.get_input_tensor_by_name(request, n).as_numpy()).to(
-                self.device, self.dtype) for n in CONTROLNET_INPUTS}
+                self.device, self.dtype) for n in self.input_names}
             engine = self.catalog.get(name)
             residuals = engine(inputs)
             return self.pb.InferenceResponse([self.tensor(n, residuals[n]) for n in engine.spec.outputs])
@@ -223,19 +231,22 @@ class BlsControlNets:
     ControlNet's name; a dead ControlNet process is the launcher's StubSupervisor's to replace.
     """
 
-    def __init__(self, pb, model_name: str, catalog_root: str, output_names: tuple[str, ...], device: torch.device):
+    def __init__(self, pb, model_name: str, catalog_root: str, family: ModelFamily, output_names: tuple[str, ...],
+                 device: torch.device):
         self.pb = pb
         self.model_name = model_name
         self.catalog_root = Path(catalog_root)
+        self.family = family
+        self.input_names = controlnet_inputs(family)
         self.output_names = output_names
         self.device = device
 
     def check(self, name: str) -> None:
-        resolve(self.catalog_root, name, "", "controlnet_names")
+        controlnet_folder(self.catalog_root, name, self.family)
 
     def submit(self, name: str, inputs: Mapping[str, torch.Tensor]):
         tensors = [self.pb.Tensor("controlnet_name", np.array([name.encode()], dtype=np.object_))]
-        tensors += [pb_tensor(self.pb, n, inputs[n]) for n in CONTROLNET_INPUTS]
+        tensors += [pb_tensor(self.pb, n, inputs[n]) for n in self.input_names]
         future = self.pb.InferenceRequest(model_name=self.model_name, inputs=tensors,
                                           requested_output_names=list(self.output_names)).async_exec()
         return self._collect(name, future)
@@ -255,14 +266,14 @@ REQUEST_FIELDS = tuple(spec.name for spec in REQUEST_INPUTS)
 class DenoiserModel(ModelBase):
     """The scheduler loop: UNet on this instance, ControlNets on the ControlNet model's, LoRAs merged in place."""
 
-    parts = ("text_encoder", "unet")  # the text encoder re-encodes prompts for text-encoder LoRA layers
+    parts = ("text", "unet")  # the text encoders re-encode prompts for text-encoder LoRA layers
 
     def setup(self) -> None:
         model = self.load(self.parts)
         controlnets = BlsControlNets(self.pb, self.params.get("controlnet_model", "controlnet"),
-                                     self.params["controlnet_catalog"],
+                                     self.params["controlnet_catalog"], model.family,
                                      residual_names(model.engines["unet_decoder"].spec), self.device)
-        loras = LoraStore(self.params["lora_catalog"], model.weight_shapes, self.device, self.dtype,
+        loras = LoraStore(self.params["lora_catalog"], model.lora_target, self.device, self.dtype,
                           cache_mb=int(self.params.get("lora_cache_mb", "1024")),
                           copies_dir=self.params.get("lora_copies") or None)
         loras.warm()
@@ -283,14 +294,13 @@ class DenoiserModel(ModelBase):
         return [await self._run(request) for request in requests]
 
     def parse(self, request):
-        generation = request_from_tensors(self.inputs(request, REQUEST_FIELDS))
-        self.pipeline.check(generation)
-        return generation
+        """The request's fields, with the model's defaults, checked."""
+        return self.pipeline.check(request_from_tensors(self.inputs(request, REQUEST_FIELDS)))
 
-    async def denoise(self, generation, embeddings, stop, on_step=None) -> DenoiseResult:
+    async def denoise(self, generation, encoded, stop, on_step=None) -> DenoiseResult:
         """The pipeline's loop, with the request's metrics recorded however it ends."""
         try:
-            result = await self.pipeline.denoise(generation, embeddings, on_step, stop=stop)
+            result = await self.pipeline.denoise(generation, encoded, on_step, stop=stop)
         except RequestStopped as stopped:
             self.request_metrics.stopped_early(stopped)
             raise
@@ -308,11 +318,11 @@ class DenoiserModel(ModelBase):
             stop = stop_condition(generation, self.pipeline.limits,
                                   None if arrived is None else float(arrived.as_numpy().reshape(-1)[0]),
                                   request.is_cancelled)
-            embeddings = torch.from_numpy(self.pb.get_input_tensor_by_name(request, "text_embeddings").as_numpy()[0])
-            embeddings = embeddings.to(self.device, self.dtype)
-            if not uses_guidance(generation):
-                embeddings = embeddings[1:]
-            result = await self.denoise(generation, embeddings, stop)
+            # The text encoder model encoded both rows [negative, positive]; without guidance only the second counts.
+            rows = slice(0, 2) if uses_guidance(generation) else slice(1, 2)
+            encoded = {name: torch.from_numpy(self.pb.get_input_tensor_by_name(request, name).as_numpy()[0][rows])
+                       for name in text_outputs(self.pipeline.model.family)}
+            result = await self.denoise(generation, encoded, stop)
             return self.pb.InferenceResponse([self.tensor("latents", result.latents), self.lora_step_tensor(result)])
         except Exception as error:
             return self.error(error)
@@ -325,7 +335,7 @@ class StreamModel(DenoiserModel):
     step boundary and stops there, before the next UNet, ControlNet or VAE call.
     """
 
-    parts = ("text_encoder", "unet", "vae")
+    parts = ("text", "unet", "vae")
 
     async def execute(self, requests):
         # A decoupled model's coroutines interleave within one instance; LoRA patches must not.
