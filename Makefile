@@ -50,5 +50,11 @@ soak: setup
 gpu-check: setup
 	$(PY) perf/triton_gpu_check.py --out perf/results/triton_gpu_check
 
+# Which routing policy Envoy should use over N replicas: a discrete-event simulation on the production trace's
+# statistics and the measured service times (perf/routing_sim.py, about a minute); JSON and chart.
+.PHONY: routing-sim
+routing-sim: setup
+	$(PY) perf/routing_sim.py --out perf/results/routing_sim.json
+
 clean:
 	rm -rf models artifacts

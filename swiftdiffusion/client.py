@@ -10,7 +10,8 @@
 Errors come back as `InferenceServerException` with Triton's status (INVALID_ARG for a bad field) and the
 server's message, which names the field. A client with `timeout_s` sends it with each request, so the server
 stops working on a request once its client has stopped waiting; with `retries`, a request refused because the
-server is at capacity (UNAVAILABLE) is sent again after an exponential, jittered backoff.
+server is at capacity (UNAVAILABLE) is sent again after an exponential, jittered backoff. Every request carries
+its LoRA set's key as gRPC metadata (`swiftdiffusion.routing`), on which a LoRA-affinity proxy routes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from .request import GenerationRequest
+from .routing import routing_headers
 from .schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, tensors_from_request
 
 MODEL = "text_to_image"
@@ -143,8 +145,8 @@ class Client:
         """One unary request; raises InferenceServerException on error."""
         request = budgeted(request, self.timeout_s)
         inputs = infer_inputs(tensors_from_request(request))
-        result = with_retries(lambda: self.grpc.infer(model, inputs, outputs=OUTPUTS, client_timeout=request.timeout_s),
-                              self.retries)
+        result = with_retries(lambda: self.grpc.infer(model, inputs, outputs=OUTPUTS, client_timeout=request.timeout_s,
+                                                      headers=routing_headers(request.loras)), self.retries)
         return generated(result)
 
     def stream(self, request: GenerationRequest) -> Iterator[Progress | Generated]:
@@ -155,7 +157,8 @@ class Client:
         request = budgeted(request, self.timeout_s)
         responses: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
-        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                            headers=routing_headers(request.loras))
         try:
             client.async_stream_infer(STREAM_MODEL, infer_inputs(tensors_from_request(request)),
                                       enable_empty_final_response=True)
@@ -196,7 +199,8 @@ class AsyncClient:
         request = budgeted(request, self.timeout_s)
         inputs = infer_inputs(tensors_from_request(request))
         result = await with_retries_async(
-            lambda: self.grpc.infer(model, inputs, outputs=OUTPUTS, client_timeout=request.timeout_s), self.retries)
+            lambda: self.grpc.infer(model, inputs, outputs=OUTPUTS, client_timeout=request.timeout_s,
+                                    headers=routing_headers(request.loras)), self.retries)
         return generated(result)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Progress | Generated]:
@@ -206,7 +210,8 @@ class AsyncClient:
         async def sent():
             yield {"model_name": STREAM_MODEL, "inputs": inputs, "parameters": FINAL}
 
-        responses = self.grpc.stream_infer(sent(), stream_timeout=request.timeout_s)
+        responses = self.grpc.stream_infer(sent(), stream_timeout=request.timeout_s,
+                                           headers=routing_headers(request.loras))
         try:
             async for result, error in responses:
                 message, last = stream_step(result, error)
