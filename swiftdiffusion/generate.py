@@ -26,7 +26,8 @@ from tritonclient.utils import InferenceServerException
 
 from .client import AsyncClient, Client, Generated, Progress
 from .request import GenerationRequest, Limits, RequestError, validate
-from .schema import DEFAULTS, REQUEST_INPUTS, TensorSpec, request_from_tensors
+from .schedulers import find_scheduler
+from .schema import REQUEST_INPUTS, TensorSpec, request_from_tensors
 
 SHORTHANDS = {"size": ("height", "width"), "lora": ("lora_names", "lora_scales"),
               "controlnet": ("controlnet_names", "controlnet_images", "controlnet_scales")}
@@ -37,15 +38,31 @@ def flag(spec: TensorSpec) -> str:
     return "--" + spec.name.replace("_", "-")
 
 
+# Fields whose values have other spellings, mapped to the one the schema lists (A1111's scheduler names).
+SPELLINGS = {"scheduler": lambda name: find_scheduler(name).name if find_scheduler(name) else name}
+# Names of the values of fixed-size vector fields.
+VECTOR_METAVARS = {"original_size": ("HEIGHT", "WIDTH"), "target_size": ("HEIGHT", "WIDTH"),
+                   "crops_coords_top_left": ("TOP", "LEFT")}
+
+
 def add_field(parser: argparse.ArgumentParser, spec: TensorSpec) -> None:
-    """One flag for a schema field: a list for variable-length fields, a switch for BOOL."""
+    """One flag for a schema field: a list for variable-length fields, N values for fixed-size vectors, a switch
+    for BOOL."""
     if spec.triton_type == "TYPE_BOOL":
         parser.add_argument(flag(spec), action="store_true", default=None, help=spec.doc)
     elif spec.triton_type == "TYPE_UINT8":  # images: files, resized to the output size as diffusers does
         parser.add_argument(flag(spec), nargs="+", type=Path, metavar="IMAGE", help=spec.doc + " (image files)")
+    elif spec.dims[0] > 1:
+        parser.add_argument(flag(spec), type=NUMPY[spec.triton_type], nargs=spec.dims[0],
+                            metavar=VECTOR_METAVARS.get(spec.name), help=spec.doc)
     else:
-        parser.add_argument(flag(spec), type=NUMPY[spec.triton_type], nargs="+" if spec.dims[0] == -1 else None,
-                            choices=spec.choices or None, help=spec.doc)
+        parser.add_argument(flag(spec), type=SPELLINGS.get(spec.name, NUMPY[spec.triton_type]),
+                            nargs="+" if spec.dims[0] == -1 else None, choices=spec.choices or None,
+                            metavar="NAME" if len(spec.choices) > 10 else None, help=_help(spec))
+
+
+def _help(spec: TensorSpec) -> str:
+    return f"{spec.doc}: {', '.join(spec.choices)}" if len(spec.choices) > 10 else spec.doc
 
 
 def parser() -> argparse.ArgumentParser:
@@ -101,15 +118,22 @@ def tensors_from_args(args: argparse.Namespace, prompt: str | None = None) -> di
         if value is None:
             continue
         if spec.name == "controlnet_images":
-            height, width = args.height or DEFAULTS.height, args.width or DEFAULTS.width
-            images = [np.asarray(Image.open(path).convert("RGB").resize((width, height)), np.uint8) for path in value]
-            tensors[spec.name] = np.stack(images)[None]
+            tensors[spec.name] = control_images(value, args.height, args.width)
             continue
         values = value if isinstance(value, list) else [value]
         if spec.triton_type == "TYPE_STRING":
             values = [v.encode("utf-8") for v in values]
         tensors[spec.name] = np.array([values], dtype=spec.numpy_type)
     return tensors
+
+
+def control_images(paths: list[Path], height: int | None, width: int | None) -> np.ndarray:
+    """[1, count, height, width, 3] uint8, every image resized to the request's size, or without one to the first
+    image's size rounded down to a multiple of 8 (as diffusers' image processor rounds to the VAE's factor)."""
+    images = [Image.open(path).convert("RGB") for path in paths]
+    size = (width, height) if height and width else tuple(side // 8 * 8 for side in images[0].size)
+    return np.stack([np.asarray(image if image.size == size else image.resize(size), np.uint8)
+                     for image in images])[None]
 
 
 def requests_from_args(args: argparse.Namespace) -> list[GenerationRequest]:

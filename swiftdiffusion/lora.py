@@ -159,6 +159,10 @@ def _convert(name: str, file: LoraFile, target: LoraTarget) -> dict[str, tuple[d
         state_dict, network_alphas = loader.lora_state_dict(dict(file.tensors), unet_config=FrozenDict(target.unet_config))
     except Exception as error:  # the converters raise many types for a foreign file
         raise LoraFormatError(f"LoRA {name!r} is not a readable LoRA safetensors file ({error})") from error
+    foreign = sorted({key.split(".")[0] for key in state_dict} & LORA_COMPONENTS - set(target.family.lora_components))
+    if foreign:  # e.g. an SDXL LoRA's second text encoder, for an SD1.5 model
+        raise LoraFormatError(f"LoRA {name!r} adapts {', '.join(foreign)}, which this {target.family.name} model "
+                              "does not have")
     converted = {}
     for component in target.family.lora_components:
         prefix = f"{component}."
@@ -171,10 +175,6 @@ def _convert(name: str, file: LoraFile, target: LoraTarget) -> dict[str, tuple[d
         scales = _module_scales(component, peft_state, alphas or None, _component_config(file.metadata, component))
         _check_shapes(name, component, peft_state, scales, shapes)
         converted[component] = (peft_state, scales)
-    foreign = sorted({key.split(".")[0] for key in state_dict} & LORA_COMPONENTS - set(converted))
-    if foreign:  # e.g. an SDXL LoRA's second text encoder, for an SD1.5 model
-        raise LoraFormatError(f"LoRA {name!r} adapts {', '.join(foreign)}, which this {target.family.name} model "
-                              "does not have")
     if not converted:
         raise LoraFormatError(f"LoRA {name!r} has no UNet or text-encoder layers")
     return converted

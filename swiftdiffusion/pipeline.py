@@ -15,8 +15,9 @@ What it does differently is where the time goes:
   before encoding: diffusers' `load_lora_weights` + `fuse_lora` image exactly.
 - Weights stay patched after a request; the next request with the same LoRA set skips both restore and patch.
 
-A step is one scheduler step: second-order samplers (Heun, DPM2, DPM++ SDE) evaluate the UNet twice in most of
-their steps, and LoRAs are patched in only between steps, never between a step's two evaluations.
+A step is one of the request's `steps`, counted as diffusers' progress bar counts them: second-order samplers
+(Heun, DPM2, DPM++ SDE) evaluate the UNet twice in most steps, PNDM's PLMS twice in its first. LoRAs are patched in
+only between steps, never between a step's two evaluations, and progress is reported once per step.
 
 Everything per request (timesteps, conditioning, control images, scheduler kwargs) is prepared before the loop;
 the loop itself only runs engines and the scheduler.
@@ -29,6 +30,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import threading
 import time
@@ -167,8 +169,8 @@ class Pipeline:
         scheduler = make_scheduler(request.scheduler, model.scheduler_config, request.seed)
         # Timesteps stay on the host: the schedulers index their tables with them, which would sync a GPU.
         scheduler.set_timesteps(request.steps, device="cpu")
-        timesteps, order = scheduler.timesteps, scheduler.order
-        steps = math.ceil(len(timesteps) / order)  # scheduler steps (PNDM's PLMS makes steps + 1)
+        timesteps = scheduler.timesteps
+        steps, step_of, ends_step = request.steps, *step_plan(len(timesteps), request.steps, scheduler.order)
         deadline = min(self._deadline(request, steps) if exact_lora_step is None else exact_lora_step, steps - 1)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         shape = (1, model.latent_channels, request.height // model.vae_scale_factor,
@@ -188,9 +190,9 @@ class Pipeline:
         wait_s = 0.0
         try:
             for index, t in enumerate(timesteps):
-                step, between_steps = divmod(index, order)
+                step, starts_step = step_of[index], index == 0 or ends_step[index - 1]
                 stop.check(step, steps)
-                if lora_job is not None and not between_steps and (
+                if lora_job is not None and starts_step and (
                         step >= deadline or (exact_lora_step is None and lora_job.done())):
                     waited = time.perf_counter()
                     lora_set = await asyncio.wrap_future(lora_job)
@@ -214,7 +216,7 @@ class Pipeline:
                     uncond, cond = noise.chunk(2) if guided else (None, noise)
                 noise = uncond + request.guidance_scale * (cond - uncond) if guided else cond
                 latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-                if on_step is not None and (between_steps == order - 1 or index == len(timesteps) - 1):
+                if on_step is not None and ends_step[index]:
                     on_step(step + 1, steps, time.perf_counter() - begin)
         except Exception:
             # A stopped or failed request still collects the ControlNet calls it sent: an uncollected BLS response
@@ -423,6 +425,14 @@ class _Worker:
             noise = self.loop.run_until_complete(step)
         main.wait_stream(self.stream)  # the caller reads the noise on its stream
         return noise
+
+
+def step_plan(evaluations: int, steps: int, order: int) -> tuple[list[int], list[bool]]:
+    """For each UNet evaluation of a scheduler's loop: the step it belongs to, and whether it ends its step, as
+    diffusers' pipelines count steps for their progress bar (`num_warmup_steps`, `scheduler.order`)."""
+    warmup = evaluations - steps * order
+    ends = [i == evaluations - 1 or (i + 1 > warmup and (i + 1) % order == 0) for i in range(evaluations)]
+    return list(itertools.accumulate(ends, initial=0))[:-1], ends
 
 
 def _halves(conditioning: Conditioning) -> list[Conditioning]:

@@ -1,8 +1,9 @@
 """`make serve`: render the model repository for one deployment and run tritonserver in the foreground.
 
-Without `--model` it serves the built-in tiny model (built on first use under `models/tiny`). A real SD1.5
-deployment is `--model DIR` (a diffusers folder), `--controlnets DIR` (diffusers ControlNet folders by name),
-`--loras LOCATION` (a folder or fsspec URL of `<name>.safetensors` files).
+Without `--model` it serves the built-in tiny model of `--family` (built on first use under `models/tiny` or
+`models/tiny_sdxl`). A real deployment is `--model DIR` (a diffusers SD1.5 or SDXL folder: the family comes from
+it), `--controlnets DIR` (diffusers ControlNet folders by name, of the model's family), `--loras LOCATION` (a folder
+or fsspec URL of `<name>.safetensors` files).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from .triton.launcher import Ports, run_foreground
 from .triton.repository import Deployment, write_repository
 
 PROJECT = Path(__file__).resolve().parents[1]
+TINY_FOLDERS = {"sd15": "tiny", "sdxl": "tiny_sdxl"}  # under models/: the built-in tiny model of each family
 
 
 def deployment_from_args(args: argparse.Namespace) -> Deployment:
     if args.model is None:
-        root = ensure_model(PROJECT / "models" / "tiny", "tiny")
+        root = ensure_model(PROJECT / "models" / TINY_FOLDERS[args.family], "tiny", family=args.family)
         args.model = root / "model"
         args.controlnets = args.controlnets or root / "controlnets"
         args.loras = args.loras or str(root / "loras")
@@ -44,8 +46,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swiftdiffusion serve", description=__doc__.splitlines()[0],
                                 epilog="example: swiftdiffusion serve --model /models/sd15 --controlnets "
                                        "/models/controlnets --loras /models/loras --device cuda --dtype float16")
-    p.add_argument("--model", type=Path, help="diffusers SD1.5 folder, or a single-file .safetensors checkpoint "
-                                              "(default: the built-in tiny model)")
+    p.add_argument("--model", type=Path, help="diffusers SD1.5 or SDXL folder, or a single-file .safetensors "
+                                              "checkpoint (default: the built-in tiny model of --family)")
+    p.add_argument("--family", choices=sorted(TINY_FOLDERS), default="sd15",
+                   help="without --model: the family of the built-in tiny model to serve")
     p.add_argument("--model-config", type=Path, help="with a single-file checkpoint: its diffusers config folder")
     p.add_argument("--controlnets", type=Path, help="folder of ControlNet folders, one per name")
     p.add_argument("--loras", help="folder or fsspec URL of <name>.safetensors LoRA files")

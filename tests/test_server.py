@@ -110,7 +110,13 @@ BAD_INPUTS = {
     "guidance_nan": ({"guidance_scale": np.array([[np.nan]], np.float32)}, "guidance_scale"),
     "lora_scale_out_of_range": ({"lora_scales": np.array([[50.0]], np.float32)}, "lora_scales"),
     "controlnet_scale_negative": ({"controlnet_scales": np.array([[-2.0]], np.float32)}, "controlnet_scales"),
-    "unknown_scheduler": ({"scheduler": _strings(b"heun")}, "scheduler"),
+    "unknown_scheduler": ({"scheduler": _strings(b"tartan")}, "scheduler"),
+    "sigma_schedule_the_sampler_lacks": ({"scheduler": _strings(b"euler_a_karras")}, "scheduler"),
+    # SDXL's fields, sent to this SD1.5 model.
+    "second_prompt_for_one_text_encoder": ({"prompt_2": _strings(b"a ship")}, "prompt_2"),
+    "size_conditioning_for_sd15": ({"original_size": np.array([[512, 512]], np.int32)}, "original_size"),
+    "clip_skip_beyond_the_text_encoder": ({"clip_skip": np.array([[50]], np.int32)}, "clip_skip"),
+    "clip_skip_negative": ({"clip_skip": np.array([[-1]], np.int32)}, "clip_skip"),
     "prompt_not_utf8": ({"prompt": _strings(b"\xff\xfe caf\xe9")}, "prompt"),
     "unknown_lora_mode": ({"lora_mode": _strings(b"later")}, "lora_mode"),
 }
