@@ -194,6 +194,7 @@ def _hash64(text: str) -> int:
 
 
 def requests_for(service: Mix, lora_weights: np.ndarray, count: int, rate_per_s: float, seed: int) -> list[Request]:
+    """`count` requests of `service`, Poisson arrivals at `rate_per_s`, LoRAs drawn by `lora_weights`."""
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate_per_s, count))
     cn_counts, cn_probs = zip(*sorted(service.controlnet_counts.items()))

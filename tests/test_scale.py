@@ -1,7 +1,8 @@
 """Three real tritonserver replicas on the tiny model, the real Envoy in front (swiftdiffusion.routing's
 configurations, loopback ports), the project's client through Envoy: every request served and equal to its
 in-process image; with LoRA affinity a set's requests land on one replica (read from each replica's metrics); a
-replica killed mid-run costs no request once Envoy's health check has noticed; everything stops cleanly.
+replica killed mid-run costs no request once Envoy's health check has noticed; a full replica's refusals are
+served by the others; everything stops cleanly.
 
 The replicas are lean (one ControlNet instance, one torch thread per model, no baseline or streaming model):
 15 model processes on this machine's 2 cores. Figures are printed (pytest -s): requests, failures,
@@ -112,6 +113,10 @@ def served(replicas: list[TritonServer]) -> list[float]:
     return [metric(s, "nv_inference_request_success", model="text_to_image") for s in replicas]
 
 
+def refused(replicas: list[TritonServer]) -> list[float]:
+    return [metric(s, "nv_inference_request_failure", model="text_to_image") for s in replicas]
+
+
 def lora_requests(replicas: list[TritonServer]) -> list[tuple[float, float]]:
     """Per replica: (requests whose LoRA set was already patched in, requests that loaded theirs)."""
     return [(metric(s, "swiftdiffusion_lora_reuse_total", model="denoiser"),
@@ -156,6 +161,31 @@ def test_lora_affinity_sends_a_sets_requests_to_one_replica(replicas, references
             assert delta[got.index(max(got))][0] >= len(generations) - 1  # repeats skip restore and patch
         assert proxy.stop() == 0
     print(f"lora_affinity: share of a set's requests on its replica: {shares}")
+
+
+def test_a_full_replicas_refusals_are_served_by_the_others(replicas, references, tmp_path):
+    """Unbounded LoRA affinity sends a burst of one set to one replica: beyond its queue (`max_queue` 8 waiting +
+    1 running) Triton refuses with UNAVAILABLE, and Envoy retries those requests on the other replicas."""
+    generations = [GenerationRequest("a harbour at dawn", seed=i, steps=2, height=64, width=64, lora_mode="sync",
+                                     loras=LORA_SETS[0]) for i in range(14)]
+    before, failed_before = served(replicas), refused(replicas)
+    listen, admin = free_ports(2)
+    upstreams = Upstreams(tuple(("127.0.0.1", server.ports.grpc) for server in replicas))
+    config = envoy_config(upstreams, "lora_affinity", listen=("127.0.0.1", listen), admin=("127.0.0.1", admin),
+                          hash_balance_factor=None, health=HEALTH)
+    with EnvoyProxy(config, tmp_path, "envoy-unbounded") as proxy:
+        proxy.start()
+        proxy.wait_healthy(len(replicas))
+        images = send_all(proxy.grpc_url, generations, concurrency=len(generations))
+        assert proxy.stop() == 0
+    for generation, image in zip(generations, images):
+        assert max_diff(image, references(generation)) <= TOLERANCE
+    per_replica = [after - b for after, b in zip(served(replicas), before)]
+    refusals = [after - b for after, b in zip(refused(replicas), failed_before)]
+    print(f"\nburst of one set: {len(images)} requests, 0 failed; served per replica {per_replica}, refused "
+          f"per replica {refusals}")
+    hot = refusals.index(max(refusals))
+    assert refusals[hot] > 0 and sum(per_replica) == len(generations) and per_replica[hot] < len(generations)
 
 
 def test_a_replica_killed_mid_run_fails_no_request_once_envoy_noticed(replicas, references, tmp_path):
