@@ -222,6 +222,7 @@ def test_a_replica_killed_mid_run_fails_no_request_once_envoy_noticed(replicas, 
             noticed["at"] = time.monotonic()
             for loop in loops:
                 loop.result()
+        retried = proxy.admin("/stats?filter=^cluster.triton.upstream_rq_retry$").split(": ")[-1].strip()
         assert proxy.stop() == 0
     gap = noticed["at"] - killed_at
     in_flight = [o for o in outcomes if o[0] < killed_at < o[1]]
@@ -231,7 +232,7 @@ def test_a_replica_killed_mid_run_fails_no_request_once_envoy_noticed(replicas, 
     print(f"\nfailover: {len(outcomes)} requests, {len(failures)} failed {failures}; in flight at the kill "
           f"{len(in_flight)} ({sum(not o[2] for o in in_flight)} failed), sent before Envoy noticed "
           f"{len(before_notice)} ({sum(not o[2] for o in before_notice)} failed), after {len(after)} "
-          f"({sum(not o[2] for o in after)} failed); Envoy noticed {gap:.2f} s after the kill")
+          f"({sum(not o[2] for o in after)} failed); Envoy noticed {gap:.2f} s after the kill, retried {retried}")
     assert len(after) >= 10 and all(o[2] for o in after)
 
 
