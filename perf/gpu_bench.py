@@ -1,21 +1,25 @@
 """GPU benchmark: swiftdiffusion (eager and CUDA-graphed engines) against diffusers' own pipelines, plus device
 checks of graph replay (plain, side streams, compiled) against eager.
 
-One run builds an SD1.5-shaped model with random weights on local disk (full SD1.5 widths, two ControlNets,
-rank-64 LoRAs in kohya and PEFT formats), then for each case (0, 1, 2 ControlNets with as many cold LoRAs) runs
-  diffusers        StableDiffusion(ControlNet)Pipeline; per request load_lora_weights + set_adapters + fuse_lora,
-                   generate, unfuse_lora + unload_lora_weights: how a typical deployment serves LoRAs;
+One run builds a model of one family with random weights on local disk (`--family sd15`: full SD1.5 widths, 512x512,
+50 DDIM steps, rank-64 LoRAs; `--family sdxl`: full SDXL widths and depths, 1024x1024, 30 steps of the base model's
+Euler scheduler, rank-32 LoRAs of the UNet and both text encoders; two ControlNets; LoRAs in kohya and PEFT
+formats), then for each case (0, 1, 2 ControlNets with as many cold LoRAs) runs
+  diffusers        StableDiffusion(XL)(ControlNet)Pipeline; per request load_lora_weights + set_adapters +
+                   fuse_lora, generate, unfuse_lora + unload_lora_weights: how a typical deployment serves LoRAs;
   ours_<variant>_<mode>  swiftdiffusion's Pipeline, LoRA mode sync or bounded, with engines
                    eager; graphed (CUDA graphs, channels-last); overlap (graphed, ControlNets on side streams);
                    cnasync (overlap, step t uses step t-1's residuals); compiled (overlap, per-step engines
                    through torch.compile before capture),
 and records the median of N timed runs after warm-up, per-graph times per call (CUDA events), per-step wall
-time, peak GPU memory, LoRA load times, graph capture times and the ratios diffusers/ours.
+time, peak GPU memory, LoRA load times, graph capture times and the ratios diffusers/ours, and the FLOP floor of a
+step (the UNet and a ControlNet on the CFG batch, counted by `torch.utils.flop_counter`, at a dense peak).
 
 A "cold" LoRA is a new hard link of the file, under a name no cache has seen, whose pages were just dropped
 from the page cache. The JSON is rewritten after every section and case; a failing case records its error.
 
     python perf/gpu_bench.py --out $OUT/gpu_bench.json        # GPU: SD1.5 shapes, fp16, 512x512, 50 steps, N=3
+    python perf/gpu_bench.py --family sdxl --out $OUT/gpu_bench_sdxl.json   # GPU: SDXL, 1024x1024, 30 steps
     python perf/gpu_bench.py --dry-run --out /tmp/dry.json     # CPU: tiny model, fp32, 64x64, 4 steps, N=1
 """
 
@@ -44,24 +48,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
-from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline,  # noqa: E402
-                       StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers import AutoencoderKL, ControlNetModel  # noqa: E402
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from measuring import evict, image_difference  # noqa: E402
 from swiftdiffusion import tiny  # noqa: E402
 from swiftdiffusion.controlnets import ControlNetCatalog, LocalControlNets  # noqa: E402
-from swiftdiffusion.diffusers_baseline import call_kwargs, fused_loras, to_uint8  # noqa: E402
+from swiftdiffusion.diffusers_baseline import call_kwargs, fused_loras, pipelines, to_uint8  # noqa: E402
 from swiftdiffusion.cuda_graphs import GraphedControlNetCatalog, GraphedEngine, graph_engines  # noqa: E402
+from swiftdiffusion.family import FAMILIES, ModelFamily  # noqa: E402
 from swiftdiffusion.lora_store import LoraStore  # noqa: E402
-from swiftdiffusion.models import LoadedModel, load_components, torch_engines  # noqa: E402
+from swiftdiffusion.models import LoadedModel, cast, load_components, torch_engines  # noqa: E402
 from swiftdiffusion.pipeline import Pipeline  # noqa: E402
 from swiftdiffusion.request import ControlNetUse, GenerationRequest, LoraUse  # noqa: E402
+from swiftdiffusion.schedulers import make_scheduler  # noqa: E402
 
-SD15 = tiny.ModelSize(unet_channels=(320, 640, 1280, 1280), norm_groups=32, text_width=768, text_layers=12,
-                      vae_channels=(128, 256, 512, 512), vae_layers=2, controlnet_embedding=(16, 32, 96, 256),
-                      lora_rank=64)
+# The real models' shapes (random weights).
+FULL_SIZES = {
+    "sd15": tiny.ModelSize(unet_channels=(320, 640, 1280, 1280), norm_groups=32, text_widths=(768,),
+                           text_layers=(12,), vae_channels=(128, 256, 512, 512), vae_layers=2,
+                           controlnet_embedding=(16, 32, 96, 256), lora_rank=64),
+    "sdxl": tiny.ModelSize(unet_channels=(320, 640, 1280), norm_groups=32, text_widths=(768, 1280),
+                           text_layers=(12, 32), vae_channels=(128, 256, 512, 512), vae_layers=2,
+                           controlnet_embedding=(16, 32, 96, 256), lora_rank=32, transformer_depth=(1, 2, 10),
+                           attention_heads=(5, 10, 20), time_id_width=256),
+}
+TEXT_HEADS = {768: 12, 1280: 20}  # CLIP ViT-L's and OpenCLIP bigG's attention heads
+# Per family: image size, steps, guidance, scheduler of the GPU runs (SD1.5: as earlier results; SDXL: the base
+# model's defaults, its folder's Euler scheduler).
+RUN_DEFAULTS = {"sd15": (512, 50, 7.5, "ddim"), "sdxl": (1024, 30, 5.0, None)}
+DENSE_PEAK_TFLOPS = 800  # fp16 dense, what an H100/H200 sustains at best (the FLOP floor's yardstick)
 EXTRA_VARIANTS = ("overlap", "cnasync", "compiled")
 CASES = {"0C/0L": (0, 0), "1C/0L": (1, 0), "1C/1L": (1, 1), "2C/2L": (2, 2)}  # case -> (ControlNets, LoRAs)
 CONTROLS = (("canny", 1.0), ("depth", 0.6))
@@ -82,6 +100,9 @@ class Settings:
     runs: int
     warmup: int
     probe_iters: int
+    family: str = "sd15"
+    guidance_scale: float = 7.5
+    scheduler: str | None = "ddim"
 
     @property
     def cuda(self) -> bool:
@@ -93,37 +114,48 @@ def say(message: str) -> None:
 
 
 # ---- model on disk ---------------------------------------------------------------------------------------------
-def build_sd15(out: Path, device: str) -> Path:
-    """tiny.build_model's layout at SD1.5 widths, stored in fp16. The VAE (32 norm groups) and the text encoder
-    (12 heads, SD1.5's vocabulary size) are built here since tiny.py fixes those to its small sizes."""
+def build_full(out: Path, family: ModelFamily, device: str) -> Path:
+    """tiny.build_model's layout at the family's real widths, stored in fp16. The VAE (32 norm groups) and the text
+    encoders (real heads, CLIP's vocabulary size) are built here since tiny.py fixes those to its small sizes."""
     marker = out / "swiftdiffusion.json"
-    if marker.exists() and json.loads(marker.read_text()) == {"size": "sd15", "seed": 0}:
+    if marker.exists() and json.loads(marker.read_text()) == {"size": "full", "family": family.name}:
         return out
+    size = FULL_SIZES[family.name]
     torch.manual_seed(0)
-    tokenizer = tiny.build_tokenizer()
-    with torch.device(device):  # random init on the GPU: seconds instead of a minute on the CPU
-        unet = tiny.build_unet(SD15)
+    tokenizers = [tiny.build_tokenizer("!" if part.projected else "<|endoftext|>") for part in family.text_encoders]
+    with torch.device(device):  # random init on the GPU: seconds instead of minutes on the CPU
+        unet = tiny.build_unet(size, family)
         vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=SD15.vae_channels, layers_per_block=SD15.vae_layers, latent_channels=4,
-                            norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=tiny.TEXT_LENGTH, hidden_act="quick_gelu", projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
-        controlnets = {name: tiny.build_controlnet(unet, SD15) for name in tiny.CONTROLNET_NAMES}
-    tiny.write_loras(out / "loras", unet, text_encoder, SD15.lora_rank, seed=0)
+                            block_out_channels=size.vae_channels, layers_per_block=size.vae_layers, latent_channels=4,
+                            norm_num_groups=32, sample_size=8 * unet.config.sample_size,
+                            scaling_factor=0.18215 if family.name == "sd15" else 0.13025, force_upcast=True)
+        texts = [full_text_encoder(size, i, part.projected, tokenizer)
+                 for i, (part, tokenizer) in enumerate(zip(family.text_encoders, tokenizers))]
+        controlnets = {name: tiny.build_controlnet(unet, size) for name in tiny.CONTROLNET_NAMES}
+    modules = {"unet": unet, **{part.component: text for part, text in zip(family.text_encoders, texts)}}
+    tiny.write_loras(out / "loras", modules, family, size.lora_rank, seed=0)
     model_dir = out / "model"
-    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+    for name, module in (("vae", vae), *modules.items()):
         module.half().save_pretrained(model_dir / name)
+    for part, tokenizer in zip(family.text_encoders, tokenizers):
+        tokenizer.save_pretrained(model_dir / part.tokenizer)
     for name, controlnet in controlnets.items():
         controlnet.half().save_pretrained(out / "controlnets" / name)
-    tokenizer.save_pretrained(model_dir / "tokenizer")
     (model_dir / "scheduler").mkdir(exist_ok=True)
-    (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(tiny.SCHEDULER_CONFIG))
-    (model_dir / "model_index.json").write_text(json.dumps(tiny.MODEL_INDEX))
-    marker.write_text(json.dumps({"size": "sd15", "seed": 0}))
+    (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(tiny.SCHEDULER_CONFIGS[family.name]))
+    (model_dir / "model_index.json").write_text(json.dumps(tiny.model_index(family)))
+    marker.write_text(json.dumps({"size": "full", "family": family.name}))
     return out
+
+
+def full_text_encoder(size: tiny.ModelSize, index: int, projected: bool, tokenizer) -> CLIPTextModel:
+    width = size.text_widths[index]
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=size.text_layers[index],
+        num_attention_heads=TEXT_HEADS[width], max_position_embeddings=tiny.TEXT_LENGTH,
+        hidden_act="gelu" if projected else "quick_gelu", projection_dim=width, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextModelWithProjection(config) if projected else CLIPTextModel(config)
 
 
 @contextlib.contextmanager
@@ -257,8 +289,9 @@ def mb(value: int) -> float:
 def make_request(settings: Settings, controls: int, loras: int, mode: str = "sync",
                  steps: int | None = None) -> GenerationRequest:
     return GenerationRequest(
-        prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps or settings.steps, guidance_scale=7.5,
-        height=settings.size, width=settings.size, scheduler="ddim", lora_mode=mode,
+        prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps or settings.steps,
+        guidance_scale=settings.guidance_scale, height=settings.size, width=settings.size,
+        scheduler=settings.scheduler, lora_mode=mode,
         controlnets=tuple(ControlNetUse(name, tiny.control_image(i, settings.size), scale)
                           for i, (name, scale) in enumerate(CONTROLS[:controls])),
         loras=tuple(LoraUse(name, scale) for name, scale in LORAS[:loras]))
@@ -279,30 +312,25 @@ class Diffusers:
     def __init__(self, root: Path, settings: Settings):
         self.root = root
         self.timings = Timings(settings.cuda)
-        model, kwargs = root / "model", dict(torch_dtype=settings.dtype, local_files_only=True)
-        self.unet = UNet2DConditionModel.from_pretrained(model / "unet", **kwargs).to(settings.device)
-        self.common = dict(
-            unet=self.unet,
-            vae=AutoencoderKL.from_pretrained(model / "vae", **kwargs).to(settings.device),
-            text_encoder=CLIPTextModel.from_pretrained(model / "text_encoder", **kwargs).to(settings.device),
-            tokenizer=CLIPTokenizer.from_pretrained(model / "tokenizer", local_files_only=True),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        self.controlnets = {name: ControlNetModel.from_pretrained(root / "controlnets" / name, **kwargs)
-                            .to(settings.device) for name, _ in CONTROLS}
-        self.scheduler_config = DDIMScheduler.load_config(model / "scheduler", local_files_only=True)
+        self.components = load_components(root / "model")
+        for module in self.components.pipeline_parts().values():
+            if isinstance(module, torch.nn.Module):
+                cast(module, settings.device, settings.dtype)
+        self.unet = self.components.unet
+        self.controlnets = {name: ControlNetModel.from_pretrained(
+            root / "controlnets" / name, torch_dtype=settings.dtype, local_files_only=True).to(settings.device)
+            for name, _ in CONTROLS}
         time_module(self.unet, "unet", self.timings)
         for controlnet in self.controlnets.values():
             time_module(controlnet, "controlnet", self.timings)
 
     def pipeline(self, request: GenerationRequest):
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        if request.controlnets:
-            multi = MultiControlNetModel([self.controlnets[c.name] for c in request.controlnets])
-            pipe = StableDiffusionControlNetPipeline(controlnet=multi, scheduler=scheduler, **self.common)
-        else:
-            pipe = StableDiffusionPipeline(scheduler=scheduler, **self.common)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        scheduler = make_scheduler(request.scheduler, self.components.scheduler_config, request.seed)
+        plain, control = pipelines(self.components, scheduler)
+        if not request.controlnets:
+            return plain
+        control.controlnet = MultiControlNetModel([self.controlnets[c.name] for c in request.controlnets])
+        return control
 
     def run(self, pipe, request: GenerationRequest) -> dict:
         stamps: list[float] = []
@@ -396,7 +424,7 @@ def measure(run_once: Callable[[], dict], timings: Timings, settings: Settings) 
 def device_checks(eager: Ours, replay: Ours, root: Path, settings: Settings) -> dict:
     """Graph replay against eager on whole images: plain, LoRA patched before encoding, patched between two
     replays mid-denoise, then restored (image and every UNet/text-encoder weight identical to before)."""
-    weights = [eager.model.engines["unet"].weights, eager.model.engines["text_encoder"].weights]
+    weights = [eager.model.engines[name].weights for name in eager.model.family.lora_components]
     w0 = [{name: p.detach().clone() for name, p in w.params.items()} for w in weights]
     steps = settings.check_steps
     plain = make_request(settings, 1, 0, steps=steps)
@@ -494,7 +522,7 @@ def step_probe(ours: dict[str, Ours], settings: Settings, variants: tuple[str, .
     """Each graph alone, per call (CFG batch 2), for these variants of our engines."""
     inputs = probe_inputs(ours["eager"].model, settings)
     result: dict = {}
-    for name in ("unet", "unet_encoder", "unet_decoder", "text_encoder", "vae_decoder"):
+    for name in (n for n in inputs if n != "controlnet"):
         result[name] = {variant: call_ms(lambda m=ours[variant].model: m.engines[name](inputs[name]), settings)
                         for variant in variants}
     result["controlnet"] = {variant: call_ms(lambda o=ours[variant]: o.catalog.get("canny")(inputs["controlnet"]),
@@ -502,17 +530,33 @@ def step_probe(ours: dict[str, Ours], settings: Settings, variants: tuple[str, .
     return result
 
 
+def flop_floor(ours: dict[str, Ours], settings: Settings) -> dict:
+    """The work of one CFG step, counted: the UNet and one ControlNet on the batch of two, in TFLOP, and the time
+    it takes at the dense fp16 peak (the floor a step cannot beat)."""
+    inputs = probe_inputs(ours["eager"].model, settings)
+    counts = {}
+    for name, call in (("unet", lambda: ours["eager"].model.engines["unet"](inputs["unet"])),
+                       ("controlnet", lambda: ours["eager"].catalog.get("canny")(inputs["controlnet"]))):
+        with FlopCounterMode(display=False) as counter:
+            call()
+        counts[name] = counter.get_total_flops() / 1e12
+    floor = {case: (counts["unet"] + controls * counts["controlnet"]) / DENSE_PEAK_TFLOPS * 1e3
+             for case, controls in (("0C", 0), ("1C", 1), ("2C", 2))}
+    return {"unet_tflop": counts["unet"], "controlnet_tflop": counts["controlnet"],
+            "peak_tflops": DENSE_PEAK_TFLOPS, "floor_ms_per_step": floor}
+
+
 def lora_patch_probe(ours: dict[str, Ours], settings: Settings) -> dict:
-    """Patching two LoRAs into the UNet and text encoder, and restoring them."""
+    """Patching two LoRAs into the UNet and the text encoders, and restoring them."""
     model = ours["eager"].model
     lora_set = ours["eager"].store.load([LoraUse(name, scale) for name, scale in LORAS])
-    unet, text = model.engines["unet"], model.engines["text_encoder"]
+    engines = {component: model.engines[component] for component in model.family.lora_components}
     patch_s, restore_s = [], []
     for _ in range(3):
-        patch_s.append(synced_s(lambda: (unet.patch(lora_set.unet), text.patch(lora_set.text_encoder)), settings.cuda))
-        restore_s.append(synced_s(lambda: (unet.restore(), text.restore()), settings.cuda))
+        patch_s.append(synced_s(lambda: [e.patch(lora_set.patches[c]) for c, e in engines.items()], settings.cuda))
+        restore_s.append(synced_s(lambda: [e.restore() for e in engines.values()], settings.cuda))
     return {"two_loras_unet_and_text": statistics.median(patch_s) * 1e3, "restore": statistics.median(restore_s) * 1e3,
-            "layers": len(lora_set.unet.layers) + len(lora_set.text_encoder.layers), "first_patch_ms": patch_s[0] * 1e3}
+            "layers": sum(len(patch.layers) for patch in lora_set.patches.values()), "first_patch_ms": patch_s[0] * 1e3}
 
 
 def transfer_probe(ours: dict[str, Ours], settings: Settings) -> dict:
@@ -571,19 +615,29 @@ def cfg_parallel_probe(root: Path, ours: dict[str, Ours], settings: Settings) ->
 
 
 def probe_inputs(model: LoadedModel, settings: Settings) -> dict[str, dict[str, torch.Tensor]]:
+    """Inputs of every graph on the CFG batch of two (the VAE's batch of one), as the pipeline gives them."""
     generator = torch.Generator().manual_seed(0)
 
     def rand(*shape):
         return torch.randn(*shape, generator=generator).to(settings.device, settings.dtype)
 
     latent = settings.size // model.vae_scale_factor
-    text = rand(2, tiny.TEXT_LENGTH, model.unet_config["cross_attention_dim"])
+    request = make_request(settings, 0, 0)
+    encoded = {"encoder_hidden_states": rand(2, tiny.TEXT_LENGTH, model.unet_config["cross_attention_dim"])}
+    if "text_embeds" in model.family.added_conditioning:
+        encoded["text_embeds"] = rand(2, model.unet_config["projection_class_embeddings_input_dim"]
+                                      - 6 * model.unet_config["addition_time_embed_dim"])
     unet = {"sample": rand(2, model.latent_channels, latent, latent),
-            "timestep": torch.tensor([500.0], device=settings.device), "encoder_hidden_states": text}
+            "timestep": torch.tensor([500.0], device=settings.device),
+            **Pipeline(model).conditioning(request, encoded)}
     hidden = model.engines["unet_encoder"](unet)
-    ids = torch.randint(0, len(model.tokenizer), (2, tiny.TEXT_LENGTH), generator=generator).to(settings.device)
-    return {"unet": unet, "unet_encoder": unet, "unet_decoder": {**hidden, "encoder_hidden_states": text},
-            "text_encoder": {"input_ids": ids},
+    texts = {}
+    for component, tokenizer in model.tokenizers.items():
+        ids = torch.randint(0, len(tokenizer), (2, tiny.TEXT_LENGTH), generator=generator).to(settings.device)
+        texts[component] = {"input_ids": ids, "hidden_layer": torch.full(
+            (2,), model.text_layers[component] - model.family.skipped_layers, device=settings.device)}
+    return {"unet": unet, "unet_encoder": unet,
+            "unet_decoder": {**hidden, "encoder_hidden_states": unet["encoder_hidden_states"]}, **texts,
             "vae_decoder": {"latent": rand(1, model.latent_channels, latent, latent)},
             "controlnet": {**unet, "controlnet_cond": rand(2, 3, settings.size, settings.size)}}
 
@@ -598,7 +652,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_out = Path(os.environ["OUT"]) / "gpu_bench.json" if os.environ.get("OUT") else None
     parser.add_argument("--out", type=Path, default=default_out, required=default_out is None)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, fp32, 64x64, 4 steps, N=1")
-    parser.add_argument("--root", type=Path, default=Path("/tmp/sd15"), help="where the SD1.5-shaped model is built")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd15",
+                        help="the model family: its real shapes, size, steps, guidance and scheduler")
+    parser.add_argument("--root", type=Path, default=Path("/tmp/gpu_bench"),
+                        help="where the model of real shapes is built (a folder per family)")
     parser.add_argument("--cases", nargs="*", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--variants", nargs="*", choices=EXTRA_VARIANTS, default=list(EXTRA_VARIANTS),
@@ -608,8 +665,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-eager", action="store_true", help="measure only graphed variants (and diffusers)")
     parser.add_argument("--cfg-parallel", action="store_true",
                         help="also CFG halves on two concurrent graphs, the unconditional one on a UNet copy")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, help="default: 50 for sd15, 30 for sdxl")
+    parser.add_argument("--size", type=int, help="default: 512 for sd15, 1024 for sdxl")
     parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     return parser.parse_args(argv)
 
@@ -620,16 +677,18 @@ def main(argv: list[str] | None = None) -> int:
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter: expected
+    size, steps, guidance, scheduler = RUN_DEFAULTS[args.family]
+    family_settings = dict(family=args.family, guidance_scale=guidance, scheduler=scheduler)
     if args.dry_run:
-        settings = Settings("cpu", torch.float32, 64, 4, 2, runs=1, warmup=0, probe_iters=1)
+        settings = Settings("cpu", torch.float32, 64, 4, 2, runs=1, warmup=0, probe_iters=1, **family_settings)
         torch.set_num_threads(1)  # the tiny model gains nothing from more, and CI machines are shared
     else:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: use --dry-run on a CPU machine")
-        settings = Settings("cuda", {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype], args.size,
-                            args.steps, 20, args.runs, warmup=1, probe_iters=20)
+        settings = Settings("cuda", {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype], args.size or size,
+                            args.steps or steps, 20, args.runs, warmup=1, probe_iters=20, **family_settings)
     results: dict = {"settings": {**dataclasses.asdict(settings), "dtype": str(settings.dtype), "cases": args.cases,
-                                  "scheduler": "ddim", "guidance_scale": 7.5, "dry_run": args.dry_run},
+                                  "dry_run": args.dry_run},
                      "env": {"python": sys.version.split()[0], "torch": torch.__version__,
                              "diffusers": diffusers.__version__, "numpy": np.__version__,
                              "device": torch.cuda.get_device_name() if settings.cuda else "cpu"},
@@ -654,13 +713,13 @@ def main(argv: list[str] | None = None) -> int:
         return results[name]
 
     with tempfile.TemporaryDirectory() as scratch:
-        root = Path(scratch) / "tiny" if args.dry_run else args.root
+        root = Path(scratch) / "tiny" if args.dry_run else args.root / args.family
 
         def build() -> dict:
             if args.dry_run:
-                tiny.build_model(root, "tiny")
+                tiny.build_model(root, "tiny", family=args.family)
             else:
-                build_sd15(root, settings.device)
+                build_full(root, FAMILIES[args.family], settings.device)
             return {"root": str(root), "lora_files": lora_read_check(root)}
 
         section("build", build)
@@ -704,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in args.cases:
             run_case(case, state["diffusers"], ours, root, settings, save, results, first, images)
         section("step_probe", lambda: step_probe(ours, settings, ("eager", "graphed")))
+        section("flop_floor", lambda: flop_floor(ours, settings))
         section("lora_patch_probe", lambda: lora_patch_probe(ours, settings))
         section("transfer_probe", lambda: transfer_probe(ours, settings))
         if args.cfg_parallel:

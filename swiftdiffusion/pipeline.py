@@ -129,7 +129,7 @@ class Pipeline:
     def encode(self, request: GenerationRequest) -> Conditioning:
         """The text encoders' outputs, rows [negative, positive] when guidance applies, with the text encoders as
         they are now (LoRA patches included)."""
-        return self.text([Prompts.of(request)], uses_guidance(request))
+        return self.text([Prompts.of(request)], uses_guidance(with_defaults(request, self.model.defaults)))
 
     def conditioning(self, request: GenerationRequest, encoded: Conditioning) -> Conditioning:
         """The text encoders' outputs and the family's other added conditioning, on the UNet's device and dtype."""
@@ -191,7 +191,8 @@ class Pipeline:
         try:
             for index, t in enumerate(timesteps):
                 step, starts_step = step_of[index], index == 0 or ends_step[index - 1]
-                stop.check(step, steps)
+                if starts_step:
+                    stop.check(step, steps)
                 if lora_job is not None and starts_step and (
                         step >= deadline or (exact_lora_step is None and lora_job.done())):
                     waited = time.perf_counter()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from swiftdiffusion.triton.serving import CONTROLNET_INPUTS, BlsControlNets
+from swiftdiffusion.family import SD15
+from swiftdiffusion.triton.serving import BlsControlNets, controlnet_inputs
 
 OUTPUTS = ("down_0", "mid")
 DEAD = ("Failed to process the request(s) for model 'controlnet_0_0', message: "
@@ -44,8 +45,8 @@ class StandIn:
 
 def run(pb: StandIn, calls: int) -> list[object]:
     """`calls` ControlNet calls in flight at once; each one's residuals or error."""
-    runner = BlsControlNets(pb, "controlnet", "/catalog", OUTPUTS, torch.device("cpu"))
-    inputs = {name: torch.zeros(1) for name in CONTROLNET_INPUTS}
+    runner = BlsControlNets(pb, "controlnet", "/catalog", SD15, OUTPUTS, torch.device("cpu"))
+    inputs = {name: torch.zeros(1) for name in controlnet_inputs(SD15)}
 
     async def main():
         pending = [runner.submit("canny", inputs) for _ in range(calls)]

@@ -25,14 +25,17 @@ def engine_inputs(model: LoadedModel, batch: int = 2, size: int = 64, seed: int 
         return torch.randn(*shape, generator=generator).to(model.device, model.dtype)
 
     latent = size // model.vae_scale_factor
-    text = rand(batch, model.tokenizer.model_max_length, model.unet_config["cross_attention_dim"])
+    tokenizer = model.tokenizers["text_encoder"]
+    text = rand(batch, tokenizer.model_max_length, model.unet_config["cross_attention_dim"])
     unet = {"sample": rand(batch, model.latent_channels, latent, latent),
             "timestep": torch.tensor([500.0], device=model.device), "encoder_hidden_states": text}
     hidden = model.engines["unet_encoder"](unet)
     decoder = {**hidden, "encoder_hidden_states": text}
-    ids = torch.randint(0, len(model.tokenizer), (batch, model.tokenizer.model_max_length), generator=generator)
-    return {"text_encoder": {"input_ids": ids.to(model.device)}, "unet": unet, "unet_encoder": unet,
-            "unet_decoder": decoder, "vae_decoder": {"latent": rand(1, model.latent_channels, latent, latent)}}
+    ids = torch.randint(0, len(tokenizer), (batch, tokenizer.model_max_length), generator=generator)
+    layers = torch.tensor([model.text_layers["text_encoder"], 1][:batch], device=model.device)  # one per row
+    return {"text_encoder": {"input_ids": ids.to(model.device), "hidden_layer": layers}, "unet": unet,
+            "unet_encoder": unet, "unet_decoder": decoder,
+            "vae_decoder": {"latent": rand(1, model.latent_channels, latent, latent)}}
 
 
 def outputs_equal(a: dict, b: dict) -> bool:

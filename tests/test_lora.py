@@ -24,7 +24,7 @@ from swiftdiffusion.tiny import LORA_FORMATS, lora_state_dict, random_lora_facto
 
 NAMES = sorted(LORA_FORMATS)
 REQUEST = GenerationRequest("a mountain lake", negative_prompt="fog", seed=3, steps=6, height=64, width=64,
-                            loras=(LoraUse("character_kohya", 1.0),))
+                            scheduler="ddim", loras=(LoraUse("character_kohya", 1.0),))
 
 
 @pytest.fixture(scope="module")

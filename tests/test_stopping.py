@@ -18,7 +18,8 @@ from swiftdiffusion.request import (ControlNetUse, GenerationRequest, Limits, Lo
                                     StopCondition, stop_condition, validate)
 from swiftdiffusion.schema import request_from_tensors, tensors_from_request
 
-REQUEST = GenerationRequest("a harbour at night", seed=4, steps=6, height=64, width=64, lora_mode="sync",
+# DDIM: one UNet evaluation (and one ControlNet call per ControlNet) per step.
+REQUEST = GenerationRequest("a harbour at night", seed=4, steps=6, height=64, width=64, lora_mode="sync", scheduler="ddim",
                             loras=(LoraUse("style_peft", 0.8),),
                             controlnets=(ControlNetUse("canny", control_image(1), 1.0),), controlnet_mode="async")
 
