@@ -37,8 +37,10 @@ tiny: setup
 export: setup
 	$(SD) export --size tiny --out artifacts/tiny
 
+# Both families: the small SD1.5 model, then the small SDXL model (about 15 minutes each on 2 cores).
 bench: setup
 	$(SD) bench --out perf/results/bench
+	$(SD) bench --family sdxl --out perf/results/bench_sdxl
 
 # 30 minutes of open-loop load at 80% of capacity with faults injected every 5 minutes (perf/soak.py).
 soak: setup

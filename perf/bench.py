@@ -1,6 +1,7 @@
 """`make bench`: ours (`text_to_image`) against a typical diffusers deployment (`baseline_diffusers`), same server.
 
     python perf/bench.py --out perf/results                       # builds models/small + catalogs, starts a server
+    python perf/bench.py --family sdxl --out perf/results/bench_sdxl   # the same on the small SDXL model
     python perf/bench.py --url 127.0.0.1:8001 --controlnets DIR --loras DIR --out DIR   # a running server
 
 Both systems get the same requests: production-shaped mixes (`swiftdiffusion.workload`, services A and B), the
@@ -318,7 +319,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-url", help="with --url: its metrics endpoint, for the LoRA times")
     p.add_argument("--controlnets", type=Path, help="with --url: the server's ControlNet catalog folder")
     p.add_argument("--loras", type=Path, help="with --url: the server's LoRA catalog folder")
-    p.add_argument("--models", type=Path, default=PROJECT / "models" / "small", help="model root to build/use")
+    p.add_argument("--family", choices=("sd15", "sdxl"), default="sd15", help="the built-in model's family")
+    p.add_argument("--models", type=Path, help="model root to build/use (default: models/small, models/small_sdxl)")
     p.add_argument("--size", choices=SIZE_NAMES, default="small")
     p.add_argument("--lora-count", type=int, default=200, help="LoRAs in the generated catalog")
     p.add_argument("--torch-threads", type=int, default=1,
@@ -350,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     begin = time.perf_counter()
     try:
         if args.url is None:
-            model, args.controlnets, args.loras = prepare(args.models, args.size, args.lora_count, args.seed)
+            root = args.models or PROJECT / "models" / (args.size if args.family == "sd15" else f"{args.size}_sdxl")
+            model, args.controlnets, args.loras = prepare(root, args.size, args.lora_count, args.seed, args.family)
             repository = write_repository(args.out / "tmp" / "repository", Deployment(
                 model=model, controlnet_catalog=args.controlnets, lora_catalog=str(args.loras),
                 controlnet_instances=2, resident_controlnets=len(EXTRA_CONTROLNETS) + 2,
@@ -359,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             server.start(repository, free_ports(3), extra_args=SHM_ARGS, log_file=args.out / "tmp" / "server.log")
             server.wait_ready(timeout=900)
             args.url, args.metrics_url = server.grpc_url, server.metrics_url
-            args.model = f"`{args.size}` ({model})"
+            args.model = f"`{args.size}` {args.family} ({model})"
             print(f"server ready after {time.perf_counter() - begin:.0f} s", flush=True)
         elif args.controlnets is None or args.loras is None:
             raise SystemExit("--url needs --controlnets and --loras (the server's catalogs)")

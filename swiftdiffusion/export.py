@@ -1,7 +1,8 @@
-"""`swiftdiffusion export`: every graph of an SD1.5 model and its ControlNets to ONNX, with weight maps and a
-manifest, each graph checked against torch in onnxruntime.
+"""`swiftdiffusion export`: every graph of an SD1.5 or SDXL model and its ControlNets to ONNX, with weight maps and
+a manifest, each graph checked against torch in onnxruntime.
 
     swiftdiffusion export --size tiny --out artifacts/tiny
+    swiftdiffusion export --size tiny --family sdxl --out artifacts/tiny_sdxl
     swiftdiffusion export --model models/sd15 --controlnets models/controlnets --out artifacts/sd15
 """
 
@@ -28,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swiftdiffusion export", description=__doc__.splitlines()[0],
                                      epilog="example: swiftdiffusion export --size tiny --out artifacts/tiny")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", type=Path, help="diffusers SD1.5 folder")
+    source.add_argument("--model", type=Path, help="diffusers SD1.5 or SDXL folder")
     source.add_argument("--size", choices=tiny.SIZE_NAMES, help="build the built-in model into OUT/source first")
+    parser.add_argument("--family", choices=sorted(tiny.FAMILIES), default="sd15", help="with --size: its family")
     parser.add_argument("--controlnets", type=Path, help="folder of diffusers ControlNet folders")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--opset", type=int, default=onnx_export.OPSET)
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     model, controlnets = args.model, args.controlnets
     if args.size:
-        built = tiny.ensure_model(args.out / "source", args.size)
+        built = tiny.ensure_model(args.out / "source", args.size, family=args.family)
         model, controlnets = built / "model", controlnets or built / "controlnets"
         print(f"built-in {args.size} model in {built} ({time.perf_counter() - start:.1f}s)")
     print(f"{'graph':<20} {'export':>8}  max abs diff onnxruntime vs torch (batch, latent size)")

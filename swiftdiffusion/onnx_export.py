@@ -36,7 +36,7 @@ from onnx import numpy_helper
 from . import graphs
 from .engines import WeightPatch
 from .graphs import WEIGHT_COMPONENTS, GraphSpec
-from .models import ModelComponents, load_components
+from .models import ModelComponents, load_components, vae_dtype
 
 OPSET = 17
 BATCH_RANGE = (1, 2)  # CFG runs batch 2
@@ -372,8 +372,9 @@ def export_model(model: str | Path | ModelComponents, controlnets: Mapping[str, 
     nets = {name: ControlNetModel.from_pretrained(path, local_files_only=True) for name, path in controlnets.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"opset": opset, "batch_range": BATCH_RANGE, "latent_range": LATENT_RANGE,
-                "trace_size": TRACE_SIZE, "graphs": {}}
+    family = components.family
+    manifest = {"opset": opset, "family": family.name, "default_size": components.defaults.size,
+                "batch_range": BATCH_RANGE, "latent_range": LATENT_RANGE, "trace_size": TRACE_SIZE, "graphs": {}}
     for source in graph_sources(components, nets):
         path = out / f"{source.name}.onnx"
         axes = dynamic_axes(source, components.unet.config)
@@ -382,6 +383,8 @@ def export_model(model: str | Path | ModelComponents, controlnets: Mapping[str, 
         onnx_model = export_graph(source, trace_inputs, axes, opset)
         entry = {"file": path.name, "kind": source.kind,
                  "inputs": _io(onnx_model.graph.input), "outputs": _io(onnx_model.graph.output)}
+        if source.kind == "vae_decoder" and vae_dtype(components, torch.float16) == torch.float32:
+            entry["fp32"] = True  # this VAE overflows in fp16 (`force_upcast`): engines keep it in fp32
         component = WEIGHT_COMPONENTS.get(source.kind)
         if component is not None:
             weight_map = build_weight_map(onnx_model, source, used_parameters(source, trace_inputs))

@@ -67,8 +67,12 @@ def session(path: Path, replaced: dict[str, np.ndarray] | None = None) -> onnxru
 
 def test_every_graph_matches_torch_at_both_sizes_and_batches(exported):
     manifest = exported.manifest
-    assert set(manifest["graphs"]) == GRAPHS | set(exported.components.family.text_components)
-    assert manifest["opset"] >= 17
+    family = exported.components.family
+    assert set(manifest["graphs"]) == GRAPHS | set(family.text_components)
+    assert manifest["opset"] >= 17 and manifest["family"] == family.name
+    assert manifest["default_size"] == {"sd15": 512, "sdxl": 1024}[family.name]
+    # TensorRT builds SDXL's VAE (force_upcast) in fp32, as diffusers decodes it.
+    assert manifest["graphs"]["vae_decoder"].get("fp32", False) == (family.name == "sdxl")
     for name, graph in manifest["graphs"].items():
         checks = {(c["batch"], c["height"], c["width"]): c["max_abs_diff"] for c in graph["checks"]}
         assert set(checks) == {(1, 8, 8), (2, 8, 8), (1, 12, 8), (2, 12, 8)}, name
