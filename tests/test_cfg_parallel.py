@@ -34,7 +34,10 @@ def request(count: int, **kwargs) -> GenerationRequest:
 
 @pytest.mark.parametrize("mode", ["overlap", "async"])
 @pytest.mark.parametrize("count", [0, 1, 2])
-def test_parallel_branches_equal_the_batched_path(pipeline, count, mode):
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_parallel_branches_equal_the_batched_path(pipeline, xl_pipeline, family, count, mode):
+    """SDXL's halves split its added conditioning (pooled text embeddings, size ids) along with the prompts'."""
+    pipeline = {"sd15": pipeline, "sdxl": xl_pipeline}[family]
     batched = request(count, controlnet_mode=mode)
     parallel = dataclasses.replace(batched, cfg_parallel=True)
     expected = asyncio.run(pipeline.denoise(batched)).latents
