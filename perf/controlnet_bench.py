@@ -108,7 +108,7 @@ BATCHED_MODEL = '''"""Bench-only: the ControlNet service with dynamic batching; 
 import torch
 import triton_python_backend_utils as pb_utils
 
-from swiftdiffusion.triton.serving import CONTROLNET_INPUTS, ControlNetServiceModel, _text
+from swiftdiffusion.triton.serving import ControlNetServiceModel
 
 
 class TritonPythonModel(ControlNetServiceModel):
@@ -117,12 +117,12 @@ class TritonPythonModel(ControlNetServiceModel):
     def execute(self, requests):
         groups = {}
         for index, request in enumerate(requests):
-            name = _text(pb_utils.get_input_tensor_by_name(request, "controlnet_name").as_numpy())
+            name = pb_utils.get_input_tensor_by_name(request, "controlnet_name").as_numpy().reshape(-1)[0].decode()
             groups.setdefault(name, []).append(index)
         responses = [None] * len(requests)
         for name, members in groups.items():
             inputs = {n: torch.cat([torch.from_numpy(pb_utils.get_input_tensor_by_name(requests[i], n).as_numpy())
-                                    for i in members]).to(self.device, self.dtype) for n in CONTROLNET_INPUTS}
+                                    for i in members]).to(self.device, self.dtype) for n in self.input_names}
             inputs["timestep"] = inputs["timestep"].reshape(-1)
             engine = self.catalog.get(name)
             outputs = engine(inputs)
