@@ -1,4 +1,4 @@
-"""`make demo`: start the server on the tiny model, make one image with a LoRA and a ControlNet, stop.
+"""`make demo`: start the server on a tiny model (SD1.5 or SDXL), make one image with a LoRA and a ControlNet, stop.
 
 The image goes through the real path (gRPC -> ensemble -> denoiser + ControlNet model over BLS -> VAE), streamed
 with a progress bar; the PNG's path is the last line printed.
@@ -13,7 +13,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from .serve import PROJECT, SHM_ARGS
+from .serve import PROJECT, SHM_ARGS, TINY_FOLDERS
 from .tiny import ensure_model
 from .triton.launcher import TritonServer, free_ports
 from .triton.repository import Deployment, write_repository
@@ -29,9 +29,11 @@ def edge_image(size: int) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="swiftdiffusion demo", description=__doc__.splitlines()[0],
-                            epilog="example: swiftdiffusion demo").parse_args(argv)
-    root = ensure_model(PROJECT / "models" / "tiny", "tiny")
+    parser = argparse.ArgumentParser(prog="swiftdiffusion demo", description=__doc__.splitlines()[0],
+                                     epilog="example: swiftdiffusion demo --family sdxl")
+    parser.add_argument("--family", choices=sorted(TINY_FOLDERS), default="sd15", help="the built-in model's family")
+    args = parser.parse_args(argv)
+    root = ensure_model(PROJECT / "models" / TINY_FOLDERS[args.family], "tiny", family=args.family)
     out = PROJECT / "build" / "demo"
     out.mkdir(parents=True, exist_ok=True)
     edge_image(128).save(out / "edges.png")
