@@ -11,18 +11,30 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, Mapping
 
 from .request import Limits
 from .tiny import ensure_model
 from .triton.gpu_settings import SHM_ARGS, read_gpu_check
 from .triton.launcher import Ports, run_foreground
-from .triton.repository import Deployment, write_repository
+from .triton.repository import PLACEMENTS, Deployment, write_repository
+from .triton.serving import TRANSPORTS
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY_FOLDERS = {"sd15": "tiny", "sdxl": "tiny_sdxl"}  # under models/: the built-in tiny model of each family
 
 
-def deployment_from_args(args: argparse.Namespace) -> Deployment:
+def residual_route(args: argparse.Namespace, verdict: Mapping[str, Any] | None) -> tuple[str, str]:
+    """(residual_transport, controlnet_placement): the flags where given, else what the device check found for a GPU
+    deployment (`dlpack`: DLPack between the processes; `local`: ControlNets in the denoiser's process), else host
+    memory between the processes."""
+    found = verdict.get("residual_path") if verdict and verdict.get("gpu") and args.device == "cuda" else "host"
+    placement = args.controlnet_placement or ("local" if found == "local" else "service")
+    transport = args.residual_transport or ("dlpack" if found == "dlpack" and placement == "service" else "host")
+    return transport, placement
+
+
+def deployment_from_args(args: argparse.Namespace, verdict: Mapping[str, Any] | None = None) -> Deployment:
     if args.model is None:
         root = ensure_model(PROJECT / "models" / TINY_FOLDERS[args.family], "tiny", family=args.family)
         args.model = root / "model"
@@ -32,14 +44,19 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
         raise SystemExit("--model needs --controlnets and --loras too")
     gpus = {"denoiser": [[0]], "text_encoder": [[0]], "vae_decoder": [[0]],
             "controlnet": [[g] for g in args.controlnet_gpus]} if args.device == "cuda" else {}
-    return Deployment(model=Path(args.model), model_config=args.model_config,
-                      controlnet_catalog=Path(args.controlnets), lora_catalog=str(args.loras),
-                      dtype=args.dtype, gpus=gpus, controlnet_instances=args.controlnet_instances,
-                      torch_threads=args.torch_threads, compile=args.compile,
-                      cfg_device=f"cuda:{args.cfg_gpu}" if args.cfg_gpu is not None else "",
-                      max_queue=args.max_queue, lora_cache_mb=args.lora_cache_mb, lora_copies=args.lora_copies,
-                      limits=Limits(max_steps=args.max_steps, max_size=args.max_size,
-                                    max_request_seconds=args.max_request_seconds))
+    transport, placement = residual_route(args, verdict)
+    try:
+        return Deployment(model=Path(args.model), model_config=args.model_config,
+                          controlnet_catalog=Path(args.controlnets), lora_catalog=str(args.loras),
+                          dtype=args.dtype, gpus=gpus, controlnet_instances=args.controlnet_instances,
+                          torch_threads=args.torch_threads, compile=args.compile,
+                          cfg_device=f"cuda:{args.cfg_gpu}" if args.cfg_gpu is not None else "",
+                          max_queue=args.max_queue, lora_cache_mb=args.lora_cache_mb, lora_copies=args.lora_copies,
+                          residual_transport=transport, controlnet_placement=placement,
+                          limits=Limits(max_steps=args.max_steps, max_size=args.max_size,
+                                        max_request_seconds=args.max_request_seconds))
+    except ValueError as error:  # contradicting flags
+        raise SystemExit(f"swiftdiffusion serve: {error}") from error
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,8 +72,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loras", help="folder or fsspec URL of <name>.safetensors LoRA files")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    p.add_argument("--controlnet-instances", type=int, default=2, help="CPU instances of the ControlNet model")
+    p.add_argument("--controlnet-instances", type=int, default=2,
+                   help="CPU instances of the ControlNet model (with --controlnet-placement local: CPU devices)")
     p.add_argument("--controlnet-gpus", type=int, nargs="*", default=[0], help="with --device cuda: one instance each")
+    p.add_argument("--controlnet-placement", choices=PLACEMENTS,
+                   help="service: ControlNets on the controlnet model's instances, through BLS; local: in each "
+                        "denoising instance's process, on the same devices (default: service, or what --gpu-check "
+                        "found)")
+    p.add_argument("--residual-transport", choices=TRANSPORTS,
+                   help="with the service placement: host (numpy through shared memory) or dlpack (tensors where "
+                        "they lie; GPU tensors by CUDA IPC) (default: host, or what --gpu-check found)")
     p.add_argument("--compile", action="store_true",
                    help="with --device cuda: torch.compile the UNet and ControlNets before graph capture "
                         "(minutes at first use of each shape; pays back in a long-lived server)")
@@ -76,7 +101,8 @@ def parser() -> argparse.ArgumentParser:
                    help="requests that may wait per denoising model; beyond it UNAVAILABLE at once (0: unbounded)")
     p.add_argument("--gpu-check", type=Path,
                    help="with --device cuda: the JSON of perf/triton_gpu_check.py run on this machine; the server "
-                        "settings and ControlNet residual path it found to work (default: the documented defaults)")
+                        "settings and ControlNet residual path it found to work, unless --residual-transport or "
+                        "--controlnet-placement say otherwise (default: the documented defaults)")
     p.add_argument("--repository", type=Path, default=PROJECT / "build" / "model_repository")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--ports", type=int, nargs=3, default=list(Ports()), metavar=("HTTP", "GRPC", "METRICS"))
@@ -86,11 +112,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    repository = write_repository(args.repository, deployment_from_args(args))
+    gpu_check = read_gpu_check(args.gpu_check) if args.gpu_check else None
+    repository = write_repository(args.repository, deployment_from_args(args, gpu_check))
     print(f"model repository: {repository}", flush=True)
     if args.write_only:
         return 0
-    gpu_check = read_gpu_check(args.gpu_check) if args.gpu_check else None
     return run_foreground(repository, Ports(*args.ports), args.host, SHM_ARGS, gpu_check=gpu_check)
 
 

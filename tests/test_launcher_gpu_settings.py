@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from swiftdiffusion.triton.gpu_settings import (CUDA_POOL_BYTES, SHM_ARGS, SHM_PRESIZED_BYTES, GpuSettings,
-                                                deployment_gpus, driver_link_target, library_search_dirs,
-                                                link_libcuda, merge_backend_config, read_gpu_check)
+                                                deployment_gpus, deployment_residual_path, driver_link_target,
+                                                library_search_dirs, link_libcuda, merge_backend_config,
+                                                read_gpu_check)
 from swiftdiffusion.triton.launcher import ServerInstall, TritonServer, find_tritonserver, free_ports
 
 PRESIZED = f"--backend-config=python,shm-default-byte-size={SHM_PRESIZED_BYTES}"
@@ -37,9 +38,9 @@ def fake_libraries(folder: Path, *names: str) -> Path:
     return folder
 
 
-def write_deployment(repository: Path, gpus: dict[str, list[list[int]]]) -> Path:
+def write_deployment(repository: Path, gpus: dict[str, list[list[int]]], **fields: str) -> Path:
     repository.mkdir(parents=True, exist_ok=True)
-    (repository / "deployment.json").write_text(json.dumps({"model": "/models/sd15", "gpus": gpus}))
+    (repository / "deployment.json").write_text(json.dumps({"model": "/models/sd15", "gpus": gpus, **fields}))
     return repository
 
 
@@ -93,13 +94,33 @@ def test_defaults_without_a_device_check():
 
 def test_a_verdict_sets_the_settings_and_the_line_says_what_is_served(tmp_path):
     (tmp_path / "check.json").write_text(json.dumps({"verdict": VERDICT, "environments": {}}))
-    settings = GpuSettings.from_check([0], read_gpu_check(tmp_path / "check.json"))
+    settings = GpuSettings.from_check([0], read_gpu_check(tmp_path / "check.json"), "dlpack")
     assert settings.server_args() == [f"--cuda-memory-pool-byte-size=0:{2 << 30}",
                                       f"--backend-config=python,shm-default-byte-size={128 << 20}"]
-    assert settings.checked_path == "dlpack" and settings.served_path == "host"  # serving.py: host only so far
+    assert settings.checked_path == settings.served_path == "dlpack"
     line = settings.describe("x")
-    assert "found 'dlpack' working" in line and "this version serves host memory only" in line
-    assert "device check of 2026-12-02 06:00:00 on NVIDIA H100 80GB HBM3" in line
+    assert line.startswith("ControlNet residuals: GPU tensors through BLS (DLPack, CUDA IPC); from device check of "
+                           "2026-12-02 06:00:00 on NVIDIA H100 80GB HBM3")
+
+
+@pytest.mark.parametrize(("checked", "served", "says"), [
+    ("dlpack", "host", "ControlNet residuals: host memory (numpy through the Python backend's shared memory) (the "
+                       "device check chose 'dlpack': GPU tensors through BLS (DLPack, CUDA IPC); the deployment's "
+                       "residual_transport and controlnet_placement ask for 'host');"),
+    ("local", "dlpack", "ask for 'dlpack') (WARNING: the device check saw no DLPack GPU path work on this machine);"),
+    ("local", "local", "ControlNet residuals: on the device, ControlNets in the denoiser's process; from device"),
+])
+def test_the_line_names_the_served_path_and_a_differing_verdict(checked, served, says):
+    settings = GpuSettings.from_check([0], {**VERDICT, "residual_path": checked}, served)
+    assert says in settings.describe("x")
+
+
+def test_the_served_path_is_the_rendered_deployments(tmp_path):
+    assert deployment_residual_path(write_deployment(tmp_path / "default", {})) == "host"
+    assert deployment_residual_path(write_deployment(tmp_path / "dlpack", {}, residual_transport="dlpack")) == "dlpack"
+    assert deployment_residual_path(write_deployment(tmp_path / "local", {}, controlnet_placement="local",
+                                                     residual_transport="host")) == "local"
+    assert deployment_residual_path(tmp_path / "not_rendered") == "host"
 
 
 def test_a_verdict_from_a_machine_without_gpu_changes_nothing():
@@ -115,7 +136,7 @@ def test_a_result_without_verdict_is_refused(tmp_path):
 
 
 def _start_fake_server(tmp_path: Path, gpus: dict[str, list[list[int]]], libraries: Path,
-                       gpu_check: dict | None = None) -> tuple[TritonServer, list[str], str]:
+                       gpu_check: dict | None = None, **fields: str) -> tuple[TritonServer, list[str], str]:
     """TritonServer.start on a rendered repository, with a binary that records what it was started with."""
     binary = tmp_path / "fake_tritonserver"
     binary.write_text(FAKE_SERVER)
@@ -125,7 +146,7 @@ def _start_fake_server(tmp_path: Path, gpus: dict[str, list[list[int]]], librari
     install = ServerInstall(binary, tmp_path / "backends", None,
                             {"RECORD": str(record), "LD_LIBRARY_PATH": str(libraries)})
     server = TritonServer(install)
-    server.start(write_deployment(tmp_path / "repository", gpus), free_ports(3), extra_args=SHM_ARGS,
+    server.start(write_deployment(tmp_path / "repository", gpus, **fields), free_ports(3), extra_args=SHM_ARGS,
                  gpu_check=gpu_check)
     deadline = time.monotonic() + 30
     while not (record / "args").exists() and time.monotonic() < deadline:
@@ -150,6 +171,20 @@ def test_a_gpu_deployment_gets_the_link_the_pool_and_presized_shared_memory(tmp_
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("swiftdiffusion: ")]
     assert len(lines) == 1 and lines[0].startswith("swiftdiffusion: ControlNet residuals: host memory")
     assert f"libcuda.so -> {libraries / 'libcuda.so.1'} in {link_dir}" in lines[0]
+
+
+@pytest.mark.parametrize(("fields", "path", "says"), [
+    ({"residual_transport": "dlpack"}, "dlpack", "GPU tensors through BLS (DLPack, CUDA IPC); from device check"),
+    ({"controlnet_placement": "local"}, "local",
+     "on the device, ControlNets in the denoiser's process; from device check"),
+])
+def test_the_launchers_line_names_the_path_the_deployment_serves(tmp_path, capsys, fields, path, says):
+    libraries = fake_libraries(tmp_path / "driver", "libcuda.so.1")
+    server, _, _ = _start_fake_server(tmp_path, {"denoiser": [[0]], "controlnet": [[1]]}, libraries,
+                                      {**VERDICT, "residual_path": path}, **fields)
+    server.stop()
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("swiftdiffusion: ")]
+    assert line.startswith(f"swiftdiffusion: ControlNet residuals: {says}"), line
 
 
 def test_a_verdict_without_the_link_is_followed(tmp_path):

@@ -20,8 +20,9 @@ Facts from the Python backend's source (r24.10, the 2.51 server bundled in nvidi
 
 ``perf/triton_gpu_check.py`` establishes on a machine which residual path works (``dlpack``: GPU tensors through
 BLS; ``local``: no cross-process GPU path, ControlNets run in the denoiser's process; ``host``: numpy through shared
-memory) with which of these settings; its JSON is this module's input (`serve --gpu-check FILE`). Without one the
-documented defaults above apply and residuals go through host memory.
+memory) with which of these settings; its JSON is this module's input (`serve --gpu-check FILE`, which also renders
+the deployment for that path). Without one the documented defaults above apply; the path served is the rendered
+deployment's (`deployment.json`: `residual_transport`, `controlnet_placement`), host memory unless it says otherwise.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ PATH_DESCRIPTIONS = {
     "local": "on the device, ControlNets in the denoiser's process",
     "host": "host memory (numpy through the Python backend's shared memory)",
 }
-# The paths swiftdiffusion/triton/serving.py implements; a device check may find a faster one that it cannot use yet.
-SERVED_PATHS = ("host",)
+# The paths swiftdiffusion/triton/serving.py implements (every path the device check can find).
+SERVED_PATHS = ("host", "dlpack", "local")
 
 
 @dataclass(frozen=True)
@@ -61,30 +62,30 @@ class GpuSettings:
     libcuda_link: bool = True  # link libcuda.so -> libcuda.so.1 where only the versioned name exists
     cuda_memory_pool_byte_size: int = CUDA_POOL_BYTES
     shm_default_byte_size: int = SHM_PRESIZED_BYTES
-    checked_path: str = "host"  # what the device check found to work; "host" without a check
+    checked_path: str | None = None  # what a device check on a GPU found to work; None: no such check
     host_path_works: bool | None = None  # None: not checked
     source: str = "defaults (no device check given)"
+    served_path: str = "host"  # the path the deployment serves (`deployment_residual_path`)
 
     @classmethod
-    def from_check(cls, gpus: Sequence[int], verdict: Mapping[str, Any] | None) -> GpuSettings:
+    def from_check(cls, gpus: Sequence[int], verdict: Mapping[str, Any] | None,
+                   served_path: str = "host") -> GpuSettings:
         """Settings from a device check's verdict (``perf/triton_gpu_check.py``); the defaults without one, or when
         the check ran on a machine without a GPU (it then established nothing about GPU paths)."""
         gpus = tuple(sorted(set(gpus)))
+        if served_path not in SERVED_PATHS:
+            raise ValueError(f"unknown residual path {served_path!r} (served: {', '.join(SERVED_PATHS)})")
         if verdict is None:
-            return cls(gpus)
+            return cls(gpus, served_path=served_path)
         if not verdict.get("gpu"):
-            return cls(gpus, source="defaults (the device check given ran without a GPU)")
+            return cls(gpus, source="defaults (the device check given ran without a GPU)", served_path=served_path)
         settings = verdict["settings"]
         source = f"device check of {verdict.get('checked_at', 'unknown date')} on {verdict.get('device', '?')}"
         return cls(gpus, libcuda_link=bool(settings["libcuda_link"]),
                    cuda_memory_pool_byte_size=int(settings["cuda_memory_pool_byte_size"]),
                    shm_default_byte_size=int(settings["shm_default_byte_size"]),
-                   checked_path=verdict["residual_path"], host_path_works=verdict.get("host_path_works"), source=source)
-
-    @property
-    def served_path(self) -> str:
-        """The residual path in use: the checked one where the serving code implements it, else host memory."""
-        return self.checked_path if self.checked_path in SERVED_PATHS else "host"
+                   checked_path=verdict["residual_path"], host_path_works=verdict.get("host_path_works"), source=source,
+                   served_path=served_path)
 
     def server_args(self) -> list[str]:
         """tritonserver flags: the CUDA pool on every GPU of the deployment, the pre-sized shared memory."""
@@ -95,10 +96,12 @@ class GpuSettings:
         """The one log line: which residual path is in use, why, and the settings applied (``driver_note``: what
         was done about libcuda.so)."""
         line = f"ControlNet residuals: {PATH_DESCRIPTIONS[self.served_path]}"
-        if self.checked_path != self.served_path:
-            line += (f" (the device check found {self.checked_path!r} working: "
-                     f"{PATH_DESCRIPTIONS[self.checked_path]}; this version serves host memory only)")
-        if self.host_path_works is False:
+        if self.checked_path is not None and self.checked_path != self.served_path:
+            line += (f" (the device check chose {self.checked_path!r}: {PATH_DESCRIPTIONS[self.checked_path]}; the "
+                     f"deployment's residual_transport and controlnet_placement ask for {self.served_path!r})")
+            if self.served_path == "dlpack":
+                line += " (WARNING: the device check saw no DLPack GPU path work on this machine)"
+        if self.served_path == "host" and self.host_path_works is False:
             line += " (WARNING: the device check saw the host path fail on this machine)"
         return (f"{line}; from {self.source}; GPU settings: {driver_note}, CUDA memory pool "
                 f"{self.cuda_memory_pool_byte_size >> 20} MiB on GPU {', '.join(map(str, self.gpus))}, "
@@ -113,6 +116,17 @@ def deployment_gpus(model_repository: str | Path) -> tuple[int, ...]:
         return ()
     groups = json.loads(path.read_text()).get("gpus") or {}
     return tuple(sorted({gpu for model_groups in groups.values() for group in model_groups for gpu in group}))
+
+
+def deployment_residual_path(model_repository: str | Path) -> str:
+    """The residual path a rendered repository serves (its deployment.json's ``controlnet_placement`` and
+    ``residual_transport``): ``local``, ``dlpack`` or ``host`` (also for a repository not rendered from a
+    Deployment)."""
+    path = Path(model_repository) / "deployment.json"
+    deployment = json.loads(path.read_text()) if path.is_file() else {}
+    if deployment.get("controlnet_placement") == "local":
+        return "local"
+    return "dlpack" if deployment.get("residual_transport") == "dlpack" else "host"
 
 
 def read_gpu_check(path: str | Path) -> dict[str, Any]:

@@ -27,8 +27,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Mapping, NamedTuple, Sequence
 
-from .gpu_settings import GpuSettings, deployment_gpus, driver_link_target, library_search_dirs, link_libcuda, \
-    merge_backend_config
+from .gpu_settings import GpuSettings, deployment_gpus, deployment_residual_path, driver_link_target, \
+    library_search_dirs, link_libcuda, merge_backend_config
 
 CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
 
@@ -332,7 +332,8 @@ class TritonServer:
         Explicit model control (every model loaded at start unless ``extra_args`` name some) lets the
         orchestrator reload a model whose Python stub died, which Triton does not restart by itself.
         A GPU deployment (``gpus``, else the ids in the repository's deployment.json) gets the settings of
-        `gpu_settings.GpuSettings`, from ``gpu_check`` (a ``perf/triton_gpu_check.py`` verdict) or the defaults.
+        `gpu_settings.GpuSettings`, from ``gpu_check`` (a ``perf/triton_gpu_check.py`` verdict) or the defaults, and
+        one log line naming the residual path the repository's deployment serves.
         """
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError(f"tritonserver already running (pid {self.process.pid})")
@@ -343,7 +344,8 @@ class TritonServer:
         env = self.install.environ()
         gpus = deployment_gpus(repository) if gpus is None else tuple(gpus)
         if gpus:
-            extra_args = self._apply_gpu_settings(GpuSettings.from_check(gpus, gpu_check), extra_args, env)
+            settings = GpuSettings.from_check(gpus, gpu_check, deployment_residual_path(repository))
+            extra_args = self._apply_gpu_settings(settings, extra_args, env)
         cmd = self.command(repository, model_control_mode, extra_args)
         # Every model instance is a process with its own OpenMP pool. Spinning idle pools (OpenMP's default wait
         # policy) take the cores from the one instance that computes: on 2 cores a 4-step request went from

@@ -21,7 +21,7 @@ from ..graphs import skip_count, skip_names
 from ..request import Limits
 from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, PROGRESS_OUTPUTS, REQUEST_INPUTS, TensorSpec
 from .prefetch import PREFETCHED
-from .serving import ARRIVED_AT, TEXT_INPUTS, controlnet_inputs, text_outputs
+from .serving import ARRIVED_AT, TEXT_INPUTS, TRANSPORTS, controlnet_inputs, text_outputs
 
 # What clients send, every input optional in the configs: Triton 2.51's ensemble answers a missing required input
 # with "unexpected deadlock ...", so the models check required fields themselves and name them ("prompt: required").
@@ -29,6 +29,11 @@ CLIENT_INPUTS = [dataclasses.replace(spec, optional=True) for spec in REQUEST_IN
 SOURCE = Path(__file__).resolve().parents[2] / "model_repository"
 MODELS = ("text_encoder", "lora_prefetch", "denoiser", "controlnet", "vae_decoder", "text_to_image",
           "text_to_image_stream", "baseline_diffusers")
+# Where ControlNets run: "service", the `controlnet` model's own instances (processes, GPUs) through BLS; "local", in
+# each denoising instance's process on devices of its own (README "Placement").
+PLACEMENTS = ("service", "local")
+# The Triton type of the tensors a deployment's ControlNets take and give (the timestep stays FP32).
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 
 
 @dataclasses.dataclass
@@ -59,6 +64,30 @@ class Deployment:
     # Where local copies of a remote LoRA catalog's files go (shared by the prefetch step and the denoisers);
     # empty: a folder under the system's temporary directory.
     lora_copies: str = ""
+    # How ControlNet inputs and residuals cross between the denoiser's and the ControlNet model's processes (the
+    # `service` placement): "host" (numpy through shared memory) or "dlpack" (torch tensors where they lie: on GPUs by
+    # CUDA IPC, where `perf/triton_gpu_check.py` found it to work).
+    residual_transport: str = "host"
+    # "service": the `controlnet` model's instances (`gpus["controlnet"]`, `controlnet_instances`); "local": no such
+    # model, each denoising instance runs ControlNets itself on those same devices (one CPU "device" per
+    # `controlnet_instances` on a CPU deployment), for where no GPU tensor can cross processes.
+    controlnet_placement: str = "service"
+
+    def __post_init__(self) -> None:
+        if self.residual_transport not in TRANSPORTS:
+            raise ValueError(f"residual_transport must be one of {TRANSPORTS}, not {self.residual_transport!r}")
+        if self.controlnet_placement not in PLACEMENTS:
+            raise ValueError(f"controlnet_placement must be one of {PLACEMENTS}, not {self.controlnet_placement!r}")
+        if self.controlnet_placement == "local" and self.residual_transport != "host":
+            raise ValueError("residual_transport applies to the service placement only: with controlnet_placement "
+                             "'local' residuals never leave the denoiser's process")
+
+    def controlnet_devices(self) -> list[str]:
+        """The devices of the ControlNets: one per GPU of `gpus["controlnet"]`, else `controlnet_instances` CPUs."""
+        groups = self.gpus.get("controlnet")
+        if groups:
+            return [f"cuda:{gpu}" for group in groups for gpu in group]
+        return ["cpu"] * self.controlnet_instances
 
 
 def _tensor(spec: TensorSpec, direction: str) -> str:
@@ -143,26 +172,13 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
     limits = {"max_steps": deployment.limits.max_steps, "max_size": deployment.limits.max_size,
               "max_request_seconds": deployment.limits.max_request_seconds,
               "lora_deadline_fraction": deployment.lora_deadline_fraction}
-    controlnet_tensors = {
-        "sample": TensorSpec("sample", "TYPE_FP32", (-1, latent_channels, -1, -1), optional=False),
-        "timestep": TensorSpec("timestep", "TYPE_FP32", (1,), optional=False),
-        **conditioning,
-        "controlnet_cond": TensorSpec("controlnet_cond", "TYPE_FP32", (-1, 3, -1, -1), optional=False),
-    }
-    controlnet_io = [TensorSpec("controlnet_name", "TYPE_STRING", (1,), optional=False),
-                     *(controlnet_tensors[name] for name in controlnet_inputs(family))]
-    residuals = [TensorSpec(name, "TYPE_FP32", (-1, -1, -1, -1), optional=False) for name in (*skips, "mid")]
-    denoiser_params = {**model, **catalogs, **limits, "controlnet_model": "controlnet",
-                       "cfg_device": deployment.cfg_device, "lora_cache_mb": deployment.lora_cache_mb}
+    denoiser_params = {**model, **catalogs, **limits, "cfg_device": deployment.cfg_device,
+                       "lora_cache_mb": deployment.lora_cache_mb, **_controlnet_parameters(deployment)}
     configs = {
         "text_encoder": _python("text_encoder", 8, _io(text_inputs, [*encoded, arrived]) + _instances(
             deployment, "text_encoder") + _parameters(model), batching=True),
         "vae_decoder": _python("vae_decoder", 4, _io([latents], [IMAGE_OUTPUT]) + _instances(
             deployment, "vae_decoder") + _parameters(model), batching=True),
-        "controlnet": _python("controlnet", 0, _io(controlnet_io, residuals) + _instances(
-            deployment, "controlnet", deployment.controlnet_instances) + _parameters(
-            {**common, "family": family.name, "controlnet_catalog": catalogs["controlnet_catalog"],
-             "resident_controlnets": deployment.resident_controlnets})),
         "lora_prefetch": _python("lora_prefetch", 1, _io(prefetch_inputs, [prefetched]) + _instances(
             deployment, "lora_prefetch") + _parameters(catalogs)),
         "denoiser": _python("denoiser", 1, _io([*CLIENT_INPUTS, *encoded, arrived, prefetched],
@@ -175,6 +191,8 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
             max_queue=deployment.max_queue),
         "text_to_image": _ensemble(text_outputs(family)),
     }
+    if deployment.controlnet_placement == "service":
+        configs["controlnet"] = _controlnet_model(deployment, family, latent_channels, skips, conditioning, common)
     if deployment.baseline:
         # The benchmark's baseline (swiftdiffusion.triton.baseline): same schema, placed like the denoiser.
         configs["baseline_diffusers"] = _python(
@@ -183,6 +201,39 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
                                                                 "max_size": limits["max_size"]}),
             max_queue=deployment.max_queue)
     return configs
+
+
+def _controlnet_parameters(deployment: Deployment) -> dict[str, object]:
+    """What a denoising model needs to know of its ControlNets' placement."""
+    if deployment.controlnet_placement == "local":
+        return {"controlnet_placement": "local", "controlnet_devices": ",".join(deployment.controlnet_devices()),
+                "resident_controlnets": deployment.resident_controlnets}
+    return {"controlnet_placement": "service", "controlnet_model": "controlnet",
+            "residual_transport": deployment.residual_transport}
+
+
+def _controlnet_model(deployment: Deployment, family: ModelFamily, latent_channels: int, skips: tuple[str, ...],
+                      conditioning: dict[str, TensorSpec], common: dict[str, object]) -> str:
+    """The `controlnet` model of the service placement: its tensors in the deployment's dtype (the timestep FP32, as
+    the pipeline keeps it), its instances on `gpus["controlnet"]` or `controlnet_instances` CPUs."""
+    tensor_type = TRITON_TYPES[deployment.dtype]
+    tensors = {
+        "sample": TensorSpec("sample", tensor_type, (-1, latent_channels, -1, -1), optional=False),
+        "timestep": TensorSpec("timestep", "TYPE_FP32", (1,), optional=False),
+        **{name: dataclasses.replace(spec, triton_type=tensor_type) for name, spec in conditioning.items()},
+        "controlnet_cond": TensorSpec("controlnet_cond", tensor_type, (-1, 3, -1, -1), optional=False),
+    }
+    inputs = [TensorSpec("controlnet_name", "TYPE_STRING", (1,), optional=False),
+              *(tensors[name] for name in controlnet_inputs(family))]
+    residuals = [TensorSpec(name, tensor_type, (-1, -1, -1, -1), optional=False) for name in (*skips, "mid")]
+    parameters = {**common, "family": family.name, "controlnet_catalog": deployment.controlnet_catalog.resolve(),
+                  "resident_controlnets": deployment.resident_controlnets,
+                  "residual_transport": deployment.residual_transport}
+    if deployment.residual_transport == "dlpack":
+        # Without it the backend copies every GPU input to host memory before the model sees it.
+        parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+    return _python("controlnet", 0, _io(inputs, residuals) + _instances(
+        deployment, "controlnet", deployment.controlnet_instances) + _parameters(parameters))
 
 
 def _maps(kind: str, names) -> str:

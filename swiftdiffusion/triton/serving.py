@@ -7,6 +7,8 @@ Each `model_repository/<model>/1/model.py` only binds one of these classes to `t
       text_encoder   prompts -> embeddings                (dynamic batching across requests)
       denoiser       scheduler loop, UNet, LoRA patching  (ControlNets through async BLS ->)
         controlnet   any catalog ControlNet by name, LRU-resident, instances on their own devices
+                     (or, with the `local` placement, no such model: the denoiser runs ControlNets on its own
+                     devices, `DeviceControlNets`)
       vae_decoder    latents -> uint8 image               (dynamic batching across requests)
     text_to_image_stream (decoupled): the same steps in one model, a response per step, then the image.
 """
@@ -25,7 +27,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from ..conditioning import Prompts, TextConditioner, check_clip_skip
-from ..controlnets import ControlNetCatalog, controlnet_folder
+from ..controlnets import ControlNetCatalog, ControlNetRunner, DeviceControlNets, controlnet_folder
 from ..cuda_graphs import GraphedControlNetCatalog, graph_engines
 from ..family import FAMILIES, ModelFamily
 from ..graphs import residual_names, unet_inputs
@@ -45,11 +47,41 @@ def ready(model: str, what: str) -> None:
     print(f"swiftdiffusion: {model} ready {what}", flush=True)
 
 
-def pb_tensor(pb, name: str, value: np.ndarray | torch.Tensor):
-    """A Python-backend tensor of `value`, through host memory (see README: GPU BLS)."""
+# How tensors cross between model processes (Deployment.residual_transport; README "Triton on GPUs"): "host" as numpy
+# through the Python backend's shared memory; "dlpack" as torch tensors where they lie (GPU tensors by CUDA IPC).
+TRANSPORTS = ("host", "dlpack")
+
+
+def pb_tensor(pb, name: str, value: np.ndarray | torch.Tensor, transport: str = "host"):
+    """A Python-backend tensor of `value`: a torch tensor by DLPack where the transport is "dlpack", else a copy in
+    host memory (numpy; strings always).
+
+    Triton 2.51 refuses DLPack tensors that are not C-contiguous, and graph engines run channels-last, so their
+    outputs are made contiguous (a copy where they are not). The tensor is handed over, not copied: it must not
+    change before the receiver has it, which is why GraphedControlNetCatalog returns copies of a graph's outputs
+    (static buffers that the next replay overwrites); and the caller must let its CUDA stream finish writing it
+    (`settle`).
+    """
     if isinstance(value, torch.Tensor):
+        if transport == "dlpack":
+            return pb.Tensor.from_dlpack(name, value.detach().contiguous())
         value = value.detach().cpu().numpy()
     return pb.Tensor(name, np.ascontiguousarray(value))
+
+
+def torch_tensor(tensor, transport: str = "host") -> torch.Tensor:
+    """A Python-backend tensor as torch: by DLPack where it lies (GPU or host memory; `as_numpy` refuses GPU
+    tensors), or through numpy."""
+    if transport == "dlpack":
+        return torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+    return torch.from_numpy(tensor.as_numpy())
+
+
+def settle(device: torch.device) -> None:
+    """Waits for this thread's CUDA stream on `device`: another process reads a tensor handed over by DLPack without
+    regard to our stream (whether 2.51's stub synchronises a DLPack producer is not established)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 class ModelBase:
@@ -191,18 +223,25 @@ def controlnet_inputs(family: ModelFamily) -> tuple[str, ...]:
     return (*unet_inputs(family), "controlnet_cond")
 
 
+def controlnet_catalog(model: ModelBase, device: torch.device, family: ModelFamily) -> ControlNetCatalog:
+    """The model's ControlNet catalog (parameters `controlnet_catalog`, `resident_controlnets`) on `device`: on a
+    GPU as CUDA graphs with channels-last weights."""
+    args = (model.params["controlnet_catalog"], device, model.dtype, int(model.params.get("resident_controlnets", "4")),
+            family)
+    if device.type == "cuda":
+        return GraphedControlNetCatalog(*args, channels_last=True, compile=model.compile)
+    return ControlNetCatalog(*args)
+
+
 class ControlNetServiceModel(ModelBase):
     """Any ControlNet of the catalog by name (of the model's family); the most recently used stay loaded on this
-    instance's device."""
+    instance's device. Inputs and residuals cross as the deployment's `residual_transport` says."""
 
     def setup(self) -> None:
         family = FAMILIES[self.params.get("family", "sd15")]
         self.input_names = controlnet_inputs(family)
-        args = (self.params["controlnet_catalog"], self.device, self.dtype,
-                int(self.params.get("resident_controlnets", "4")), family)
-        gpu = self.device.type == "cuda"
-        self.catalog = (GraphedControlNetCatalog(*args, channels_last=True, compile=self.compile) if gpu
-                        else ControlNetCatalog(*args))
+        self.transport = self.params.get("residual_transport", "host")
+        self.catalog = controlnet_catalog(self, self.device, family)
 
     def loaded(self) -> str:
         return f"ControlNets of {self.params['controlnet_catalog']} ({self.catalog.cache.capacity} resident at most)"
@@ -214,11 +253,14 @@ class ControlNetServiceModel(ModelBase):
         try:
             name = self.pb.get_input_tensor_by_name(request, "controlnet_name").as_numpy().reshape(-1)[0]
             name = name.decode("utf-8", errors="replace") if isinstance(name, bytes) else str(name)
-            inputs = {n: torch.from_numpy(self.pb.get_input_tensor_by_name(request, n).as_numpy()).to(
+            inputs = {n: torch_tensor(self.pb.get_input_tensor_by_name(request, n), self.transport).to(
                 self.device, self.dtype) for n in self.input_names}
             engine = self.catalog.get(name)
             residuals = engine(inputs)
-            return self.pb.InferenceResponse([self.tensor(n, residuals[n]) for n in engine.spec.outputs])
+            tensors = [pb_tensor(self.pb, n, residuals[n], self.transport) for n in engine.spec.outputs]
+            if self.transport == "dlpack":
+                settle(self.device)  # after the copies that make them contiguous
+            return self.pb.InferenceResponse(tensors)
         except Exception as error:  # one bad request must not take the instance down
             return self.error(error)
 
@@ -229,10 +271,16 @@ class BlsControlNets:
     `submit` sends the request at once (`async_exec` does, a coroutine would not until awaited), so the
     ControlNet instances compute while the caller runs the UNet encoder. A failed call fails its request with the
     ControlNet's name; a dead ControlNet process is the launcher's StubSupervisor's to replace.
+
+    With the "dlpack" transport inputs go and residuals come back as torch tensors where they lie (on a GPU: CUDA
+    IPC, the residuals landing on this instance's GPU), never through numpy; the timestep, a 4-byte scalar, is
+    cheaper as a copy through shared memory.
     """
 
     def __init__(self, pb, model_name: str, catalog_root: str, family: ModelFamily, output_names: tuple[str, ...],
-                 device: torch.device):
+                 device: torch.device, transport: str = "host"):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"residual_transport must be one of {TRANSPORTS}, not {transport!r}")
         self.pb = pb
         self.model_name = model_name
         self.catalog_root = Path(catalog_root)
@@ -240,22 +288,33 @@ class BlsControlNets:
         self.input_names = controlnet_inputs(family)
         self.output_names = output_names
         self.device = device
+        self.transport = transport
 
     def check(self, name: str) -> None:
         controlnet_folder(self.catalog_root, name, self.family)
 
     def submit(self, name: str, inputs: Mapping[str, torch.Tensor]):
         tensors = [self.pb.Tensor("controlnet_name", np.array([name.encode()], dtype=np.object_))]
-        tensors += [pb_tensor(self.pb, n, inputs[n]) for n in self.input_names]
+        tensors += [pb_tensor(self.pb, n, inputs[n], "host" if n == "timestep" else self.transport)
+                    for n in self.input_names]
+        options = {}
+        if self.transport == "dlpack":
+            settle(self.device)
+            gpu = self.device.type == "cuda"
+            options["preferred_memory"] = self.pb.PreferredMemory(
+                self.pb.TRITONSERVER_MEMORY_GPU if gpu else self.pb.TRITONSERVER_MEMORY_CPU, self.device.index or 0)
         future = self.pb.InferenceRequest(model_name=self.model_name, inputs=tensors,
-                                          requested_output_names=list(self.output_names)).async_exec()
-        return self._collect(name, future)
+                                          requested_output_names=list(self.output_names), **options).async_exec()
+        return self._collect(name, future, tensors)
 
-    async def _collect(self, name: str, future) -> dict[str, torch.Tensor]:
+    async def _collect(self, name: str, future, sent: list) -> dict[str, torch.Tensor]:
+        """The call's residuals on this instance's device; `sent` (the request's tensors, which a DLPack tensor's
+        memory belongs to) is held until the response is in."""
         response = await future
+        del sent
         if response.has_error():
             raise RuntimeError(f"ControlNet {name!r} failed: {response.error().message()}")
-        return {n: torch.from_numpy(self.pb.get_output_tensor_by_name(response, n).as_numpy()).to(self.device)
+        return {n: torch_tensor(self.pb.get_output_tensor_by_name(response, n), self.transport).to(self.device)
                 for n in self.output_names}
 
 
@@ -270,9 +329,7 @@ class DenoiserModel(ModelBase):
 
     def setup(self) -> None:
         model = self.load(self.parts)
-        controlnets = BlsControlNets(self.pb, self.params.get("controlnet_model", "controlnet"),
-                                     self.params["controlnet_catalog"], model.family,
-                                     residual_names(model.engines["unet_decoder"].spec), self.device)
+        controlnets = self.controlnet_runner(model)
         loras = LoraStore(self.params["lora_catalog"], model.lora_target, self.device, self.dtype,
                           cache_mb=int(self.params.get("lora_cache_mb", "1024")),
                           copies_dir=self.params.get("lora_copies") or None)
@@ -285,10 +342,26 @@ class DenoiserModel(ModelBase):
         self.metrics = LoraMetrics(self.pb, self.config["name"])
         self.request_metrics = RequestMetrics(self.pb, self.config["name"])
 
+    def controlnet_runner(self, model: LoadedModel) -> ControlNetRunner:
+        """Where this instance's ControlNets run (Deployment.controlnet_placement): on the ControlNet model's
+        instances through BLS (`service`), or in this process on the devices of `controlnet_devices` (`local`)."""
+        if self.params.get("controlnet_placement", "service") == "local":
+            devices = [torch.device(d) for d in self.params["controlnet_devices"].split(",")]
+            return DeviceControlNets([controlnet_catalog(self, d, model.family) for d in devices], self.device)
+        return BlsControlNets(self.pb, self.params.get("controlnet_model", "controlnet"),
+                              self.params["controlnet_catalog"], model.family,
+                              residual_names(model.engines["unet_decoder"].spec), self.device,
+                              self.params.get("residual_transport", "host"))
+
     def loaded(self) -> str:
         copy = f", a UNet copy on {self.pipeline.cfg_model.device}" if self.pipeline.cfg_model is not None else ""
+        controlnets = self.pipeline.controlnets
+        if isinstance(controlnets, DeviceControlNets):
+            where = f"ControlNets in this process on {', '.join(map(str, controlnets.devices))}"
+        else:
+            where = f"ControlNets through model {controlnets.model_name!r} ({controlnets.transport} transport)"
         return (f"{', '.join(self.parts)} of {self.params['model']}{copy}; LoRAs of {self.params['lora_catalog']}, "
-                f"ControlNets through model {self.params.get('controlnet_model', 'controlnet')!r}")
+                f"{where}")
 
     async def execute(self, requests):
         return [await self._run(request) for request in requests]
