@@ -117,6 +117,7 @@ class Pipeline:
         request = with_defaults(request, self.model.defaults)
         validate(request, self.limits)
         check_request(request, self.model.family, self.model.text_layers)
+        scheduled(request, self.model.scheduler_config)
         if request.loras and self.loras is None:
             raise ValueError("this pipeline has no LoRA catalog")
         for control in request.controlnets:
@@ -166,9 +167,7 @@ class Pipeline:
             encoded = None  # the outside encoder ran without the text-encoder LoRA layers
         conditioning = self.conditioning(request, encoded if encoded is not None else self.encode(request))
 
-        scheduler = make_scheduler(request.scheduler, model.scheduler_config, request.seed)
-        # Timesteps stay on the host: the schedulers index their tables with them, which would sync a GPU.
-        scheduler.set_timesteps(request.steps, device="cpu")
+        scheduler = scheduled(request, model.scheduler_config)
         timesteps = scheduler.timesteps
         steps, step_of, ends_step = request.steps, *step_plan(len(timesteps), request.steps, scheduler.order)
         deadline = min(self._deadline(request, steps) if exact_lora_step is None else exact_lora_step, steps - 1)
@@ -426,6 +425,19 @@ class _Worker:
             noise = self.loop.run_until_complete(step)
         main.wait_stream(self.stream)  # the caller reads the noise on its stream
         return noise
+
+
+def scheduled(request: GenerationRequest, scheduler_config: dict):
+    """The request's scheduler with its timesteps set; RequestError naming `steps` for a count the scheduler cannot
+    take (LCM: at most the 50 steps it was distilled from)."""
+    scheduler = make_scheduler(request.scheduler, scheduler_config, request.seed)
+    try:
+        # Timesteps stay on the host: the schedulers index their tables with them, which would sync a GPU.
+        scheduler.set_timesteps(request.steps, device="cpu")
+    except ValueError as error:
+        raise RequestError("steps", f"{request.steps} steps do not suit scheduler "
+                                    f"{request.scheduler or scheduler_config['_class_name']}: {error}") from None
+    return scheduler
 
 
 def step_plan(evaluations: int, steps: int, order: int) -> tuple[list[int], list[bool]]:

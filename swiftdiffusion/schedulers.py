@@ -96,9 +96,13 @@ def make_scheduler(name: str | None, model_config: Mapping, seed: int):
         scheduler, overrides = getattr(diffusers, choice.sampler.scheduler), dict(choice.sampler.overrides)
         if choice.sigmas:
             overrides[SIGMA_SCHEDULES[choice.sigmas]] = True
-    if "noise_sampler_seed" in inspect.signature(scheduler.__init__).parameters:
+    accepted = inspect.signature(scheduler.__init__).parameters
+    if "noise_sampler_seed" in accepted:
         overrides["noise_sampler_seed"] = seed
-    return scheduler.from_config(model_config, **overrides)
+    # Only what this class takes: diffusers would log each other entry of the folder's config as ignored, per
+    # request (PNDM's `skip_prk_steps` for an LCM request).
+    config = {key: value for key, value in model_config.items() if key in accepted or key.startswith("_")}
+    return scheduler.from_config(config, **overrides)
 
 
 def step_kwargs(scheduler, generator) -> dict:

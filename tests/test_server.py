@@ -112,6 +112,7 @@ BAD_INPUTS = {
     "controlnet_scale_negative": ({"controlnet_scales": np.array([[-2.0]], np.float32)}, "controlnet_scales"),
     "unknown_scheduler": ({"scheduler": _strings(b"tartan")}, "scheduler"),
     "sigma_schedule_the_sampler_lacks": ({"scheduler": _strings(b"euler_a_karras")}, "scheduler"),
+    "more_steps_than_lcm_takes": ({"scheduler": _strings(b"LCM"), "steps": np.array([[100]], np.int32)}, "steps"),
     # SDXL's fields, sent to this SD1.5 model.
     "second_prompt_for_one_text_encoder": ({"prompt_2": _strings(b"a ship")}, "prompt_2"),
     "size_conditioning_for_sd15": ({"original_size": np.array([[512, 512]], np.int32)}, "original_size"),

@@ -29,6 +29,7 @@ from ..conditioning import check_request
 from ..controlnets import controlnet_folder
 from ..diffusers_baseline import call_kwargs, fused_loras, pipelines, to_uint8
 from ..lora_store import LoraSource
+from ..pipeline import scheduled
 from ..models import cast, load_components
 from ..request import GenerationRequest, RequestError, validate, with_defaults
 from ..schedulers import make_scheduler
@@ -80,6 +81,7 @@ class BaselineDiffusersModel(ModelBase):
         request = with_defaults(request, self.parts.defaults)
         validate(request, self.limits())
         check_request(request, self.parts.family, self.parts.text_layers)
+        scheduled(request, self.scheduler_config)
         for lora in request.loras:
             self.lora_files.locate(lora.name)
         for control in request.controlnets:
