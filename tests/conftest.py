@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import numpy as np
 import pytest
 
@@ -54,17 +57,16 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
-@pytest.fixture(scope="session")
-def server(tiny_root, tmp_path_factory):
-    """One real tritonserver on free local ports over the tiny model, for every end-to-end test; its denoiser
-    keeps a UNet copy for CFG-parallel requests' unconditional branch (on a second GPU in production)."""
+@contextlib.contextmanager
+def running_server(root, folder, **deployment) -> Iterator:
+    """A real tritonserver on free local ports over a built-in model folder (model, controlnets, loras), with a
+    repository rendered into `folder`; stopped when the block ends."""
     from swiftdiffusion.serve import SHM_ARGS
     from swiftdiffusion.triton.launcher import TritonServer, free_ports
     from swiftdiffusion.triton.repository import Deployment, write_repository
 
-    repository = write_repository(tmp_path_factory.mktemp("repository"), Deployment(
-        model=tiny_root / "model", controlnet_catalog=tiny_root / "controlnets", lora_catalog=str(tiny_root / "loras"),
-        controlnet_instances=2, torch_threads=1, resident_controlnets=1, baseline=True, cfg_device="cpu"))
+    repository = write_repository(folder, Deployment(model=root / "model", controlnet_catalog=root / "controlnets",
+                                                     lora_catalog=str(root / "loras"), **deployment))
     triton = TritonServer()
     triton.start(repository, free_ports(3), extra_args=SHM_ARGS, log_file=repository / "server.log")
     try:
@@ -72,6 +74,15 @@ def server(tiny_root, tmp_path_factory):
         yield triton
     finally:
         triton.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_root, tmp_path_factory):
+    """One real tritonserver over the tiny model, for every end-to-end test; its denoiser keeps a UNet copy for
+    CFG-parallel requests' unconditional branch (on a second GPU in production)."""
+    with running_server(tiny_root, tmp_path_factory.mktemp("repository"), controlnet_instances=2, torch_threads=1,
+                        resident_controlnets=1, baseline=True, cfg_device="cpu") as triton:
+        yield triton
 
 
 @pytest.fixture(scope="session")

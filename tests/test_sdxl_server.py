@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from conftest import control_image, max_diff
+from conftest import control_image, max_diff, running_server
 from swiftdiffusion.client import Client, Generated, Progress, infer_inputs
 from swiftdiffusion.request import ControlNetUse, GenerationRequest, LoraUse
 from swiftdiffusion.schema import tensors_from_request
@@ -25,20 +25,9 @@ SERVED_CASES = {**CASES, **SDXL_CASES, "heun": dataclasses.replace(CASES["no_add
 
 @pytest.fixture(scope="module")
 def xl_server(tiny_xl_root, tmp_path_factory):
-    from swiftdiffusion.serve import SHM_ARGS
-    from swiftdiffusion.triton.launcher import TritonServer, free_ports
-    from swiftdiffusion.triton.repository import Deployment, write_repository
-
-    repository = write_repository(tmp_path_factory.mktemp("repository_xl"), Deployment(
-        model=tiny_xl_root / "model", controlnet_catalog=tiny_xl_root / "controlnets",
-        lora_catalog=str(tiny_xl_root / "loras"), controlnet_instances=1, torch_threads=1, baseline=True))
-    triton = TritonServer()
-    triton.start(repository, free_ports(3), extra_args=SHM_ARGS, log_file=repository / "server.log")
-    try:
-        triton.wait_ready(timeout=600)
+    with running_server(tiny_xl_root, tmp_path_factory.mktemp("repository_xl"), controlnet_instances=1,
+                        torch_threads=1, baseline=True) as triton:
         yield triton
-    finally:
-        triton.stop()
 
 
 @pytest.fixture(scope="module")
