@@ -29,6 +29,12 @@ without the project's venv, install the carried wheel without its dependencies f
    in the denoiser's process; `host` on a CPU machine) and the settings it worked with, which
    `swiftdiffusion serve --gpu-check triton_gpu_check.json` applies (see swiftdiffusion/triton/gpu_settings.py).
 The JSON is rewritten after every probe, so a run cut short keeps what it measured.
+
+`--bench` runs the benchmark of perf/triton_gpu_bench.py instead (requests through tritonserver against in-process,
+per residual path; it needs diffusers too):
+
+    PYTHONPATH=/tmp/pytriton python3 perf/triton_gpu_check.py --bench --out $OUT
+    .venv/bin/python perf/triton_gpu_check.py --bench --dry-run --out /tmp/bench    # CPU: the tiny model
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from swiftdiffusion.triton.gpu_settings import (CUDA_POOL_BYTES, SHM_ARGS, SHM_P
                                                 merge_backend_config)
 from swiftdiffusion.triton.launcher import (ServerInstall, TritonServer, find_tritonserver, free_ports,  # noqa: E402
                                             python_stubs)
+from triton_gpu_bench import add_arguments as add_bench_arguments, run_bench  # noqa: E402
 
 PROBE_MODEL = PERF / "triton_probes" / "model.py"
 RESULTS_NAME = "triton_gpu_check.json"
@@ -577,6 +584,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inject-crash", action="store_true",
                    help="tests: the baseline's first probe kills its server, to show a crash is recorded and the "
                         "server started again for the remaining probes")
+    add_bench_arguments(p)
     return p
 
 
@@ -609,7 +617,10 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    results = run_check(parser().parse_args(argv))
+    args = parser().parse_args(argv)
+    if args.bench:
+        return run_bench(args)
+    results = run_check(args)
     print(json.dumps(results["verdict"], indent=1))
     return 0
 
