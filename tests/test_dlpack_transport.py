@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import max_diff
-from swiftdiffusion.client import Client
+from conftest import max_diff, running_server
+from swiftdiffusion.client import Client, Generated
 from swiftdiffusion.family import SDXL
 from swiftdiffusion.request import GenerationRequest
 from swiftdiffusion.triton.serving import BlsControlNets, controlnet_inputs, pb_tensor
@@ -33,8 +33,6 @@ REQUESTS = {
     "two_controlnets_async": dataclasses.replace(CASES["two_controlnets"], controlnet_mode="async"),
     "two_controlnets_cfg_parallel": dataclasses.replace(CASES["two_controlnets"], cfg_parallel=True),
 }
-# What the text_to_image ensemble needs (no streaming model, no baseline: a process less to start per server).
-UNARY_MODELS = ("text_encoder", "lora_prefetch", "denoiser", "controlnet", "vae_decoder", "text_to_image")
 
 
 # ---- against a stand-in for pb --------------------------------------------------------------------------------
@@ -118,20 +116,10 @@ def test_an_unknown_transport_is_refused():
 
 # ---- through real servers -------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def served(root: Path, repository: Path, models: tuple[str, ...] = (), **fields) -> Iterator[tuple[Client, Path]]:
+def served(root: Path, repository: Path, **fields) -> Iterator[tuple[Client, Path]]:
     """A tritonserver over the tiny model at `root` rendered with these Deployment fields (one torch thread per
-    instance, two ControlNet instances or devices), loading `models` (default: all); a client of it, its log."""
-    from swiftdiffusion.serve import SHM_ARGS
-    from swiftdiffusion.triton.launcher import TritonServer, free_ports
-    from swiftdiffusion.triton.repository import Deployment, write_repository
-
-    write_repository(repository, Deployment(
-        model=root / "model", controlnet_catalog=root / "controlnets", lora_catalog=str(root / "loras"),
-        controlnet_instances=2, torch_threads=1, **fields))
-    with TritonServer() as triton:
-        triton.start(repository, free_ports(3), extra_args=[*SHM_ARGS, *(f"--load-model={m}" for m in models)],
-                     log_file=repository / "server.log")
-        triton.wait_ready(timeout=600)
+    instance, two ControlNet instances or devices); a client of it, and its log."""
+    with running_server(root, repository, controlnet_instances=2, torch_threads=1, **fields) as triton:
         client = Client(triton.grpc_url)
         try:
             yield client, repository / "server.log"
@@ -151,8 +139,8 @@ def one_thread():
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
 def dlpack(request, family_roots, tmp_path_factory) -> Iterator[tuple[str, Client, Path]]:
     family = request.param
-    with served(family_roots[family], tmp_path_factory.mktemp(f"dlpack_{family}"), UNARY_MODELS,
-                residual_transport="dlpack") as (client, log):
+    with served(family_roots[family], tmp_path_factory.mktemp(f"dlpack_{family}"), residual_transport="dlpack") as (
+            client, log):
         yield family, client, log
 
 
@@ -174,5 +162,13 @@ def test_dlpack_images_equal_in_process_and_the_host_transport(request, dlpack, 
 def test_the_server_says_it_serves_dlpack_and_the_controlnet_model_takes_gpu_inputs(dlpack):
     _, _, log = dlpack
     text = log.read_text()
-    assert "ControlNets through model 'controlnet' (dlpack transport)" in text
+    assert text.count("ControlNets through model 'controlnet' (dlpack transport)") == 2  # unary and stream models
     assert "Input tensors can be both in CPU and GPU. FORCE_CPU_ONLY_INPUT_TENSORS is off." in text
+
+
+@pytest.mark.server
+def test_the_stream_sends_its_controlnet_calls_by_dlpack_too(dlpack):
+    _, client, _ = dlpack
+    generation = REQUESTS["two_controlnets"]
+    final = list(client.stream(generation))[-1]
+    assert isinstance(final, Generated) and np.array_equal(final.image, client.generate(generation).image)
