@@ -62,6 +62,19 @@ def test_controlnet_tensors_take_the_deployments_dtype_and_the_timestep_stays_fp
     assert set(types.values()) == {"TYPE_FP16"}
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_tensors_between_the_models_are_of_the_deployments_dtype_at_both_ends(tiny_xl_root, dtype):
+    """Triton refuses a tensor whose type is not its input's ("inference input 'encoder_hidden_states' data-type is
+    'FP16', but model 'denoiser' expects 'FP32'", as an fp16 deployment's ensemble once answered)."""
+    expected = {"float16": "TYPE_FP16", "float32": "TYPE_FP32"}[dtype]
+    configs = render_configs(deployment(tiny_xl_root, dtype=dtype))
+    types = {model: tensor_types(configs[model]) for model in ("text_encoder", "denoiser", "vae_decoder")}
+    for producer, consumer, name in [("text_encoder", "denoiser", "encoder_hidden_states"),
+                                     ("text_encoder", "denoiser", "text_embeds"),
+                                     ("denoiser", "vae_decoder", "latents")]:
+        assert types[producer][name] == types[consumer][name] == expected, (producer, consumer, name)
+
+
 @pytest.mark.parametrize(("fields", "devices"), [
     ({"controlnet_instances": 2}, "cpu,cpu"),
     ({"gpus": {"denoiser": [[0]], "controlnet": [[1], [2]]}}, "cuda:1,cuda:2"),

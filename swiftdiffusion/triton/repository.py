@@ -129,17 +129,19 @@ def _python(name: str, max_batch_size: int, body: str, batching: bool = False, d
     return text + body
 
 
-def conditioning_specs(config_root: Path, family: ModelFamily, unet_config: dict) -> dict[str, TensorSpec]:
+def conditioning_specs(config_root: Path, family: ModelFamily, unet_config: dict,
+                       tensor_type: str = "TYPE_FP32") -> dict[str, TensorSpec]:
     """The conditioning tensors of the model, without the batch dimension (leading -1: rows of a CFG batch): the
-    prompt embeddings, the pooled text embedding and the size ids of SDXL."""
-    specs = {"encoder_hidden_states": TensorSpec("encoder_hidden_states", "TYPE_FP32",
+    prompt embeddings, the pooled text embedding and the size ids of SDXL, of `tensor_type` (the deployment's
+    dtype, which the models compute and hand on in)."""
+    specs = {"encoder_hidden_states": TensorSpec("encoder_hidden_states", tensor_type,
                                                  (-1, 77, unet_config["cross_attention_dim"]), optional=False)}
     for part in family.text_encoders:
         if part.projected:
             width = CLIPTextConfig.from_pretrained(config_root / part.component).projection_dim
-            specs["text_embeds"] = TensorSpec("text_embeds", "TYPE_FP32", (-1, width), optional=False)
+            specs["text_embeds"] = TensorSpec("text_embeds", tensor_type, (-1, width), optional=False)
     if "time_ids" in family.added_conditioning:
-        specs["time_ids"] = TensorSpec("time_ids", "TYPE_FP32", (-1, TIME_IDS), optional=False)
+        specs["time_ids"] = TensorSpec("time_ids", tensor_type, (-1, TIME_IDS), optional=False)
     return specs
 
 
@@ -157,7 +159,9 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
         model["model_config"] = deployment.model_config.resolve()
     catalogs = {"controlnet_catalog": deployment.controlnet_catalog.resolve(),
                 "lora_catalog": deployment.lora_catalog, "lora_copies": deployment.lora_copies}
-    conditioning = conditioning_specs(config_root, family, unet_config)
+    # Tensors between the models are of the deployment's dtype: Triton refuses an FP16 tensor for an FP32 input.
+    tensor_type = TRITON_TYPES[deployment.dtype]
+    conditioning = conditioning_specs(config_root, family, unet_config, tensor_type)
     # The text encoder model's outputs: its rows are always [negative, positive].
     encoded = [dataclasses.replace(conditioning[name], dims=(2, *conditioning[name].dims[1:]))
                for name in text_outputs(family)]
@@ -167,7 +171,7 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
     # no input at all, which Triton 2.51 rejects ("request has 0 inputs").
     prefetch_inputs = [next(spec for spec in CLIENT_INPUTS if spec.name == "lora_names"),
                        dataclasses.replace(arrived, optional=False)]
-    latents = TensorSpec("latents", "TYPE_FP32", (latent_channels, -1, -1), optional=False)
+    latents = TensorSpec("latents", tensor_type, (latent_channels, -1, -1), optional=False)
     text_inputs = [s for s in CLIENT_INPUTS if s.name in TEXT_INPUTS]
     limits = {"max_steps": deployment.limits.max_steps, "max_size": deployment.limits.max_size,
               "max_request_seconds": deployment.limits.max_request_seconds,
@@ -215,12 +219,13 @@ def _controlnet_parameters(deployment: Deployment) -> dict[str, object]:
 def _controlnet_model(deployment: Deployment, family: ModelFamily, latent_channels: int, skips: tuple[str, ...],
                       conditioning: dict[str, TensorSpec], common: dict[str, object]) -> str:
     """The `controlnet` model of the service placement: its tensors in the deployment's dtype (the timestep FP32, as
-    the pipeline keeps it), its instances on `gpus["controlnet"]` or `controlnet_instances` CPUs."""
+    the pipeline keeps it), its instances on `gpus["controlnet"]` or `controlnet_instances` CPUs; `conditioning` of
+    that dtype already."""
     tensor_type = TRITON_TYPES[deployment.dtype]
     tensors = {
         "sample": TensorSpec("sample", tensor_type, (-1, latent_channels, -1, -1), optional=False),
         "timestep": TensorSpec("timestep", "TYPE_FP32", (1,), optional=False),
-        **{name: dataclasses.replace(spec, triton_type=tensor_type) for name, spec in conditioning.items()},
+        **conditioning,
         "controlnet_cond": TensorSpec("controlnet_cond", tensor_type, (-1, 3, -1, -1), optional=False),
     }
     inputs = [TensorSpec("controlnet_name", "TYPE_STRING", (1,), optional=False),
