@@ -39,7 +39,7 @@ def pose(tiny_root):
     """A third ControlNet, in the session catalog for this module only: test_server expects `pose` unknown."""
     folder = tiny_root / "controlnets" / "pose"
     torch.manual_seed(3)
-    build_controlnet(UNet2DConditionModel.from_pretrained(tiny_root / "model" / "unet"), SIZES["tiny"]).save_pretrained(
+    build_controlnet(UNet2DConditionModel.from_pretrained(tiny_root / "model" / "unet"), SIZES["sd15"]["tiny"]).save_pretrained(
         folder)
     yield folder
     shutil.rmtree(folder)
@@ -81,6 +81,7 @@ def test_broken_controlnet_is_a_clear_error_and_the_next_request_succeeds(client
             client.generate(request(1, controls=(ControlNetUse("broken", control_image(1), 1.0),)))
     finally:
         shutil.rmtree(folder)
-    assert raised.value.status() == "StatusCode.INTERNAL"
-    assert "ControlNet 'broken' failed" in raised.value.message()
+    # Refused before any work, as a broken LoRA file is: the catalog entry cannot serve this request.
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "controlnet_names: ControlNet 'broken' has no readable config" in raised.value.message()
     assert np.array_equal(client.generate(request(1)).image, pipeline.generate(request(1, "sequential")).image)
