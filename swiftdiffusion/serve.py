@@ -3,14 +3,17 @@
 Without `--model` it serves the built-in tiny model of `--family` (built on first use under `models/tiny` or
 `models/tiny_sdxl`). A real deployment is `--model DIR` (a diffusers SD1.5 or SDXL folder: the family comes from
 it), `--controlnets DIR` (diffusers ControlNet folders by name, of the model's family), `--loras LOCATION` (a folder
-or fsspec URL of `<name>.safetensors` files).
+or fsspec URL of `<name>.safetensors` files). Every flag can also come from the environment, as
+`SWIFTDIFFUSION_<FLAG>` (`SWIFTDIFFUSION_MAX_QUEUE=8`): what containers are configured with.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Mapping
 from typing import Any, Mapping
 
 from .request import Limits
@@ -22,6 +25,7 @@ from .triton.serving import TRANSPORTS
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY_FOLDERS = {"sd15": "tiny", "sdxl": "tiny_sdxl"}  # under models/: the built-in tiny model of each family
+ENV_PREFIX = "SWIFTDIFFUSION_"  # SWIFTDIFFUSION_<FLAG>: a flag's value from the environment (containers)
 
 
 def residual_route(args: argparse.Namespace, verdict: Mapping[str, Any] | None) -> tuple[str, str]:
@@ -52,7 +56,7 @@ def deployment_from_args(args: argparse.Namespace, verdict: Mapping[str, Any] | 
                           torch_threads=args.torch_threads, compile=args.compile,
                           cfg_device=f"cuda:{args.cfg_gpu}" if args.cfg_gpu is not None else "",
                           max_queue=args.max_queue, lora_cache_mb=args.lora_cache_mb, lora_copies=args.lora_copies,
-                          residual_transport=transport, controlnet_placement=placement,
+                          residual_transport=transport, controlnet_placement=placement, streaming=not args.no_stream,
                           limits=Limits(max_steps=args.max_steps, max_size=args.max_size,
                                         max_request_seconds=args.max_request_seconds))
     except ValueError as error:  # contradicting flags
@@ -103,6 +107,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with --device cuda: the JSON of perf/triton_gpu_check.py run on this machine; the server "
                         "settings and ControlNet residual path it found to work, unless --residual-transport or "
                         "--controlnet-placement say otherwise (default: the documented defaults)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="leave out the streaming model (text_to_image_stream): fewer processes per replica")
     p.add_argument("--repository", type=Path, default=PROJECT / "build" / "model_repository")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--ports", type=int, nargs=3, default=list(Ports()), metavar=("HTTP", "GRPC", "METRICS"))
@@ -110,8 +116,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def with_environment(p: argparse.ArgumentParser, argv: list[str], environ: Mapping[str, str]) -> list[str]:
+    """The command line with `SWIFTDIFFUSION_<FLAG>` environment variables put before it, so that a container is
+    configured by its environment (`SWIFTDIFFUSION_MODEL=/models/sdxl` is `--model /models/sdxl`; a list flag's
+    values are separated by spaces or commas; a switch is on when its variable says 1, true or yes). Flags on the
+    command line win: argparse keeps the last value given."""
+    first = []
+    for action in p._actions:  # argparse has no public list of its options
+        value = environ.get(ENV_PREFIX + action.dest.upper())
+        if value is None or not action.option_strings or action.dest == "help":
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs == 0:
+            first += [flag] if value.strip().lower() in ("1", "true", "yes") else []
+        elif action.nargs in ("*", "+") or isinstance(action.nargs, int):
+            first += [flag, *value.replace(",", " ").split()]
+        else:
+            first += [flag, value]
+    return first + argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(with_environment(p, sys.argv[1:] if argv is None else list(argv), os.environ))
     gpu_check = read_gpu_check(args.gpu_check) if args.gpu_check else None
     repository = write_repository(args.repository, deployment_from_args(args, gpu_check))
     print(f"model repository: {repository}", flush=True)

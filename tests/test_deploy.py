@@ -114,8 +114,8 @@ def test_component_patches_replace_the_serve_settings_whole():
     for component in ("gpu-2", "gpu-4"):
         patched = one(f"components/{component}/serve-config.yaml", "ConfigMap")["data"]
         assert patched.keys() == base.keys()
-        assert {k: v for k, v in patched.items() if k != "CONTROLNET_GPUS"} == \
-               {k: v for k, v in base.items() if k != "CONTROLNET_GPUS"}
+        assert {k: v for k, v in patched.items() if k != "SWIFTDIFFUSION_CONTROLNET_GPUS"} == \
+               {k: v for k, v in base.items() if k != "SWIFTDIFFUSION_CONTROLNET_GPUS"}
 
 
 @pytest.mark.parametrize("path,policy", ENVOY_CONFIGS.items())
@@ -163,10 +163,11 @@ def test_the_replicas_command_renders_the_readmes_placement(tmp_path, tiny_root,
     gpu_count, controlnet_gpus = PLACEMENTS[layout]
     container = one("base/triton-deployment.yaml", "Deployment")["spec"]["template"]["spec"]["containers"][0]
     settings = one(f"{layout}/serve-config.yaml", "ConfigMap")["data"]
-    settings.update(MODEL=str(tiny_root / "model"), CONTROLNETS=str(tiny_root / "controlnets"),
-                    LORAS=str(tiny_root / "loras"))
+    settings.update(SWIFTDIFFUSION_MODEL=str(tiny_root / "model"),
+                    SWIFTDIFFUSION_CONTROLNETS=str(tiny_root / "controlnets"),
+                    SWIFTDIFFUSION_LORAS=str(tiny_root / "loras"))
     environment = {**os.environ, **settings, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    command = [*container["command"], f"{container['args'][0]} --write-only --repository {tmp_path}"]
+    command = [*container["command"], "--write-only", "--repository", str(tmp_path)]
     rendered = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert rendered.returncode == 0, rendered.stderr
     groups = re.findall(r"gpus: \[ ([\d, ]+) \]", (tmp_path / "controlnet" / "config.pbtxt").read_text())

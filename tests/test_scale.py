@@ -41,8 +41,6 @@ HEALTH = HealthCheck(interval_s=1.0, timeout_s=1.0, unhealthy_threshold=1, healt
 LORA_SETS = [(LoraUse("style_peft", 0.8),), (LoraUse("character_kohya", 0.7),),
              (LoraUse("style_diffusers", 0.9), LoraUse("style_peft", 0.4))]
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-# Every model but the streaming one (which no test here uses): 15 model processes instead of 18.
-UNARY_MODELS = ("text_encoder", "lora_prefetch", "denoiser", "controlnet", "vae_decoder", "text_to_image")
 
 
 def request(index: int, loras: tuple[LoraUse, ...] = ()) -> GenerationRequest:
@@ -64,12 +62,12 @@ def replicas(tiny_root, tmp_path_factory) -> Iterator[list[TritonServer]]:
     folder = tmp_path_factory.mktemp("replicas")
     repository = write_repository(folder / "repository", Deployment(
         model=tiny_root / "model", controlnet_catalog=tiny_root / "controlnets", lora_catalog=str(tiny_root / "loras"),
-        controlnet_instances=1, torch_threads=1, resident_controlnets=1))
+        controlnet_instances=1, torch_threads=1, resident_controlnets=1,
+        streaming=False))  # no test here streams: 15 model processes instead of 18
     servers = [TritonServer() for _ in range(REPLICAS)]
     try:
         for index, server in enumerate(servers):
-            server.start(repository, free_ports(3), log_file=folder / f"replica{index}.log",
-                         extra_args=[*SHM_ARGS, *(f"--load-model={model}" for model in UNARY_MODELS)])
+            server.start(repository, free_ports(3), log_file=folder / f"replica{index}.log", extra_args=SHM_ARGS)
         for server in servers:
             server.wait_ready(timeout=900)
         yield servers

@@ -56,6 +56,9 @@ class Deployment:
     cfg_device: str = ""
     # The diffusers baseline model, for benchmarks and tests: a second copy of the weights, so off by default.
     baseline: bool = False
+    # The decoupled `text_to_image_stream` model (progress per step): its own processes and weights; a replica
+    # behind a balancer that only sends unary requests can leave it out.
+    streaming: bool = True
     limits: Limits = Limits()
     # Requests that may wait for each denoising model's instances; one more is refused at once with UNAVAILABLE
     # ("Exceeds maximum queue size"), which clients retry with backoff. 0: unbounded.
@@ -189,12 +192,13 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
                                                [latents, LORA_STEP_OUTPUT])
                             + _instances(deployment, "denoiser") + _parameters(denoiser_params),
                             max_queue=deployment.max_queue),
-        "text_to_image_stream": _python(
-            "text_to_image_stream", 1, _io(CLIENT_INPUTS, [IMAGE_OUTPUT, LORA_STEP_OUTPUT, *PROGRESS_OUTPUTS])
-            + _instances(deployment, "denoiser") + _parameters(denoiser_params), decoupled=True,
-            max_queue=deployment.max_queue),
         "text_to_image": _ensemble(text_outputs(family)),
     }
+    if deployment.streaming:
+        configs["text_to_image_stream"] = _python(
+            "text_to_image_stream", 1, _io(CLIENT_INPUTS, [IMAGE_OUTPUT, LORA_STEP_OUTPUT, *PROGRESS_OUTPUTS])
+            + _instances(deployment, "denoiser") + _parameters(denoiser_params), decoupled=True,
+            max_queue=deployment.max_queue)
     if deployment.controlnet_placement == "service":
         configs["controlnet"] = _controlnet_model(deployment, family, latent_channels, skips, conditioning, common)
     if deployment.baseline:
