@@ -4,13 +4,15 @@ Each `model_repository/<model>/1/model.py` only binds one of these classes to `t
 (`pb`), so the logic here is importable and unit-testable with a stand-in for `pb`. The request path:
 
     text_to_image (ensemble)
-      text_encoder   prompts -> embeddings                (dynamic batching across requests)
+      text_encoder   prompts -> the family's text encoders' outputs (dynamic batching across requests)
       denoiser       scheduler loop, UNet, LoRA patching  (ControlNets through async BLS ->)
         controlnet   any catalog ControlNet by name, LRU-resident, instances on their own devices
                      (or, with the `local` placement, no such model: the denoiser runs ControlNets on its own
                      devices, `DeviceControlNets`)
       vae_decoder    latents -> uint8 image               (dynamic batching across requests)
     text_to_image_stream (decoupled): the same steps in one model, a response per step, then the image.
+Every model reads the model folder's family (`family.py`): what the text encoder returns, what the denoiser and the
+ControlNets are conditioned on.
 """
 
 from __future__ import annotations
