@@ -21,9 +21,11 @@ one fault of each kind is injected:
 - `queue_burst`: max_queue + 4 requests at once, never resent -> UNAVAILABLE `Exceeds maximum queue size` within
   a second for those the queue has no room for, the rest served.
 The open loop's clients behave as the README asks clients to: a request refused with a full queue is resent after
-the client library's jittered backoff (`--retries`, default 6; the JSON counts the resends). At 80% load a
-bounded queue refuses some arrivals even without faults (an M/M/1 queue with room for 8 turns away ~3% of them),
-so a client that never resends would lose those. A request still refused after its retries is a failure;
+the client library's jittered backoff (`--retries`, default 12, about 35 s of waiting in all; the JSON counts the
+resends). At 80% load a bounded queue refuses some arrivals even without faults (an M/M/1 queue with room for 8
+turns away ~3% of them, and its full spells last tens of seconds: in the 30-minute run of 2026-12-02 one request
+in nine met a full queue at least once, and 19 of 4211 were still refused after 6 resends), so a client that
+never resends, or gives up after a few seconds, would lose those. A request still refused after its retries is a failure;
 queue-full failures of ordinary requests are expected only during a burst and while a reload takes the cores.
 Every other failure is unexpected. Every `--sample-seconds` the RSS of the tritonserver process and of every
 Python-backend stub (by instance name) and the use of /dev/shm are sampled.
@@ -537,13 +539,24 @@ class Soak:
         return dataclasses.replace(small_request(seed, self.args.long_resolution, self.args.long_steps), **kwargs)
 
     def probe(self, streaming: bool) -> dict:
-        """A small request right after a stopped one; its latency is judged against its window's at the end."""
+        """A small request right after a stopped one. The time of its accepted attempt is judged against its
+        window's at the end: attempts refused with a full queue (resent after the client library's backoff) waited
+        for the open loop's backlog, not for the stopped request, and are reported apart."""
         request = small_request(7, self.args.resolution, self.args.steps)
-        client = Client(self.url, timeout_s=self.args.request_timeout, retries=FAULT_RETRIES)
+        client = Client(self.url, timeout_s=self.args.request_timeout)
+        send = client.generate_streaming if streaming else client.generate
         began = time.perf_counter()
         try:
-            (client.generate_streaming if streaming else client.generate)(request)
-            return {"probe_latency_s": round(time.perf_counter() - began, 3)}
+            for refusals in range(FAULT_RETRIES + 1):
+                sent = time.perf_counter()
+                try:
+                    send(request)
+                    return {"probe_latency_s": round(time.perf_counter() - sent, 3), "probe_refusals": refusals,
+                            "probe_waited_s": round(sent - began, 3)}
+                except InferenceServerException as error:
+                    if refusals == FAULT_RETRIES or not is_queue_full(*error_fields(error)):
+                        raise
+                time.sleep(backoff_s(refusals))
         except Exception as error:
             return {"probe_latency_s": None, "probe_error": " ".join(error_fields(error))[:300]}
         finally:
@@ -909,9 +922,10 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds between a stopped request and the probe that must find the server free")
     p.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
     p.add_argument("--request-timeout", type=float, default=120.0, help="client deadline of ordinary requests")
-    p.add_argument("--retries", type=int, default=6,
+    p.add_argument("--retries", type=int, default=12,
                    help="how often an ordinary request refused with a full queue is resent (the client library's "
-                        "backoff, as the README asks clients to); bursts are never resent")
+                        "backoff, as the README asks clients to: 12 resends wait about 35 s in all); bursts are "
+                        "never resent")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -998,10 +1012,12 @@ def main(argv: list[str] | None = None) -> int:
             "ok": bool(probes) and all(f["server_free"] for f in probes),
             "rule": f"the server's {STOPPED} counts the stop within {STOP_SEEN_S:g} s (a closed stream: within 5 "
                     "steps of its last progress message), and a probe right after is served within max(3 s, 6 x "
-                    "the closed loop's p50, 1.5 x its window's p99)",
+                    "the closed loop's p50, 1.5 x its window's p99), counted from its accepted attempt (attempts "
+                    "refused with a full queue waited for the open loop's backlog: probe_waited_s)",
             "probes": [{k: f.get(k) for k in ("kind", "t", "stopped_by_server", "stop_seen_after_s",
-                                              "steps_run_meanwhile", "probe_latency_s", "probe_threshold_s",
-                                              "server_free")} for f in probes]},
+                                              "steps_run_meanwhile", "probe_latency_s", "probe_refusals",
+                                              "probe_waited_s", "probe_threshold_s", "server_free")}
+                       for f in probes]},
     }
     ordinary = [r for r in soak.results if r.source == "load"]
     latencies = [r.latency_s for r in ordinary if r.ok]
