@@ -223,16 +223,18 @@ def sgm_name(module: str, layers_per_block: int) -> str:
     trainers write (`input_blocks.4.1...`): the inverse of diffusers' `_maybe_map_sgm_blocks_to_diffusers` and
     `_convert_unet_lora_key`."""
     parts = module.split(".")
-    if parts[0] == "mid_block":
-        kind, layer, rest = parts[1], int(parts[2]), parts[3:]
+    middle = parts[0] == "mid_block"
+    kind = parts[1] if middle else parts[2]
+    if kind not in ("resnets", "attentions"):
+        raise ValueError(f"no sgm name for {module!r}")
+    if middle:
+        layer, rest = int(parts[2]), parts[3:]
         block = f"middle_block.{SGM_MIDDLE[kind, layer]}"
     else:
-        level, kind, layer, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        level, layer, rest = int(parts[1]), int(parts[3]), parts[4:]
         first = 1 + level * (layers_per_block + 1) if parts[0] == "down_blocks" else level * (layers_per_block + 1)
         block = f"{'input_blocks' if parts[0] == 'down_blocks' else 'output_blocks'}.{first + layer}." \
                 f"{0 if kind == 'resnets' else 1}"
-    if kind not in ("resnets", "attentions"):
-        raise ValueError(f"no sgm name for {module!r}")
     if kind == "resnets":
         rest = [SGM_RESNET_LAYERS.get(rest[0], rest[0]), *rest[1:]]
     return ".".join([block, *rest])
