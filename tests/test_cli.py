@@ -49,6 +49,23 @@ def test_flags_and_shorthands_build_the_servers_request(tmp_path):
         assert np.array_equal(request.controlnets[0].image, expected.controlnets[0].image)
 
 
+def test_sdxl_fields_and_automatic1111_scheduler_names_are_flags(tmp_path):
+    edges = tmp_path / "edges.png"
+    Image.fromarray(control_image(3, 100, 70)).save(edges)  # sides not multiples of 8
+    args = generate.parser().parse_args([
+        "--prompt", "a boat", "--prompt-2", "a harbour", "--negative-prompt-2", "fog", "--original-size", "512",
+        "384", "--crops-coords-top-left", "16", "0", "--target-size", "256", "256", "--clip-skip", "1",
+        "--scheduler", "DPM++ 2M Karras", "--controlnet", f"canny:{edges}", "--out", str(tmp_path / "x.png")])
+    (request,) = generate.requests_from_args(args)
+    assert (request.prompt_2, request.negative_prompt_2, request.original_size, request.crops_coords_top_left,
+            request.target_size, request.clip_skip, request.scheduler) == (
+        "a harbour", "fog", (512, 384), (16, 0), (256, 256), 1, "dpmpp_2m_karras")
+    # Without --size the control image keeps its size, rounded down to a multiple of 8 (the request's size then).
+    assert request.controlnets[0].image.shape == (96, 64, 3) and request.height is None is request.width
+    with pytest.raises(SystemExit):
+        generate.parser().parse_args(["--prompt", "x", "--scheduler", "tartan", "--out", "x.png"])
+
+
 def test_a_bad_flag_value_gets_the_servers_message(tmp_path):
     args = generate.parser().parse_args(["--prompt", "x", "--steps", "0", "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match="^error: steps: 0 is outside"):
