@@ -44,7 +44,7 @@ bench: setup
 
 # 30 minutes of open-loop load at 80% of capacity with faults injected every 5 minutes (perf/soak.py).
 soak: setup
-	$(PY) perf/soak.py --minutes 30 --window-minutes 5 --load 0.8 --out perf/results/soak
+	$(PY) perf/soak.py --minutes 30 --window-minutes 5 --load 0.8 --capacity-seconds 60 --out perf/results/soak
 
 # Which path can carry ControlNet residuals between Triton's model processes on this machine, with which server
 # settings (perf/triton_gpu_check.py; GPU cases are recorded as skipped without a GPU). Its JSON feeds

@@ -21,11 +21,12 @@ one fault of each kind is injected:
 - `queue_burst`: max_queue + 4 requests at once, never resent -> UNAVAILABLE `Exceeds maximum queue size` within
   a second for those the queue has no room for, the rest served.
 The open loop's clients behave as the README asks clients to: a request refused with a full queue is resent after
-the client library's jittered backoff (`--retries`, default 12, about 35 s of waiting in all; the JSON counts the
-resends). At 80% load a bounded queue refuses some arrivals even without faults (an M/M/1 queue with room for 8
-turns away ~3% of them, and its full spells last tens of seconds: in the 30-minute run of 2026-12-02 one request
-in nine met a full queue at least once, and 19 of 4211 were still refused after 6 resends), so a client that
-never resends, or gives up after a few seconds, would lose those. A request still refused after its retries is a failure;
+the client library's jittered backoff until its client's deadline (`--request-timeout`, 120 s from its arrival;
+the JSON counts the resends). At 80% load a bounded queue refuses some arrivals even without faults (an M/M/1
+queue with room for 8 turns away ~3% of them), and its full spells last tens of seconds: in the 30-minute runs of
+2026-12-02 one request in eight met a full queue at least once; 19 of 4211 were still refused after 6 resends,
+1 of 5004 after 12 (`perf/results/soak/run_2026-12-02_retries*.json`), so a client that gives up after a count
+of resends, rather than at its deadline, loses some. A request still refused after its retries is a failure;
 queue-full failures of ordinary requests are expected only during a burst and while a reload takes the cores.
 Every other failure is unexpected. Every `--sample-seconds` the RSS of the tritonserver process and of every
 Python-backend stub (by instance name) and the use of /dev/shm are sampled.
@@ -367,23 +368,27 @@ class Soak:
     # ---- sending ---------------------------------------------------------------------------------------------
     def send(self, record: Result, request: GenerationRequest, keep: bool = False, on_done=None,
              retries: int = 0) -> None:
-        """Sends one unary request asynchronously; its answer fills `record`. A queue-full refusal is resent up to
-        `retries` times after the client library's backoff, as `Client(retries=)` does."""
+        """Sends one unary request asynchronously; its answer fills `record`. A queue-full refusal is resent after
+        the client library's backoff, up to `retries` times and while the client's deadline (`--request-timeout`
+        from its arrival) leaves time for it: a client that waits gives up at its deadline, not after a count."""
         inputs = infer_inputs(tensors_from_request(request))
         outputs = [grpcclient.InferRequestedOutput(n) for n in OUTPUTS]
+        deadline = record.arrival + self.args.request_timeout
 
         def dispatch() -> None:
             try:
                 self.grpc.async_infer(MODEL, inputs, callback=callback, outputs=outputs,
-                                      client_timeout=self.args.request_timeout)
+                                      client_timeout=max(deadline - self.clock(), 1.0))
             except Exception as error:  # not sent at all: a failure of this request
                 callback(result=None, error=error)
 
         def callback(result, error) -> None:  # tritonclient calls it with keywords: (result=, error=)
             if error is not None and record.refusals < retries and is_queue_full(*error_fields(error)):
-                record.refusals += 1
-                threading.Timer(backoff_s(record.refusals - 1), dispatch).start()
-                return
+                wait = backoff_s(record.refusals)
+                if self.clock() + wait < deadline:
+                    record.refusals += 1
+                    threading.Timer(wait, dispatch).start()
+                    return
             done = self.clock()
             try:
                 with self.lock:
@@ -922,10 +927,10 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds between a stopped request and the probe that must find the server free")
     p.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
     p.add_argument("--request-timeout", type=float, default=120.0, help="client deadline of ordinary requests")
-    p.add_argument("--retries", type=int, default=12,
-                   help="how often an ordinary request refused with a full queue is resent (the client library's "
-                        "backoff, as the README asks clients to: 12 resends wait about 35 s in all); bursts are "
-                        "never resent")
+    p.add_argument("--retries", type=int, default=100,
+                   help="how often at most an ordinary request refused with a full queue is resent (the client "
+                        "library's backoff, as the README asks clients to), within its deadline (--request-timeout); "
+                        "bursts are never resent")
     p.add_argument("--seed", type=int, default=0)
     return p
 

@@ -101,23 +101,40 @@ class _RefusingServer:
             callback(result=None, error=self.last)
 
 
-def _sender(grpc):
+class _Clock:
+    """The soak's clock and its resend timer, made deterministic: a timer advances the clock by its wait and
+    fires at once."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def timer(self, wait: float, function):
+        self.now += wait
+        return SimpleNamespace(start=function)
+
+
+def _sender(grpc, request_timeout: float, clock: _Clock):
     sender = object.__new__(soak.Soak)
-    sender.grpc, sender.args, sender.t0 = grpc, SimpleNamespace(request_timeout=5.0), 0.0
+    sender.grpc, sender.args = grpc, SimpleNamespace(request_timeout=request_timeout)
+    sender.clock = lambda: clock.now
     sender.lock = soak.threading.Lock()
     sender.settled, sender.pending, sender.results = soak.threading.Condition(sender.lock), 0, []
     return sender
 
 
-@pytest.mark.parametrize("refusals, retries, resent, final_status", [
-    (2, 6, 2, "StatusCode.INTERNAL"),  # resent twice, then the server's real answer stands
-    (9, 3, 3, soak.UNAVAILABLE),  # still refused after its retries: the refusal is the answer
-    (1, 0, 0, soak.UNAVAILABLE),  # a burst request is never resent
+@pytest.mark.parametrize("refusals, retries, timeout, resent, final_status", [
+    (2, 6, 120.0, 2, "StatusCode.INTERNAL"),  # resent twice, then the server's real answer stands
+    (9, 3, 120.0, 3, soak.UNAVAILABLE),  # still refused after its retries: the refusal is the answer
+    (1, 0, 120.0, 0, soak.UNAVAILABLE),  # a burst request is never resent
+    (9, 100, 3.5, 2, soak.UNAVAILABLE),  # the client's deadline comes first: 1 + 2 s waited, 3 s more would pass it
 ])
-def test_open_loop_resends_queue_full_refusals_with_backoff(monkeypatch, refusals, retries, resent, final_status):
-    monkeypatch.setattr(soak, "backoff_s", lambda attempt: 0.001 * (attempt + 1))
+def test_open_loop_resends_queue_full_refusals_with_backoff(monkeypatch, refusals, retries, timeout, resent,
+                                                             final_status):
+    clock = _Clock()
+    monkeypatch.setattr(soak, "backoff_s", lambda attempt: float(attempt + 1))
+    monkeypatch.setattr(soak.threading, "Timer", clock.timer)
     grpc = _RefusingServer(refusals, soak.InferenceServerException("boom", status="StatusCode.INTERNAL"))
-    sender = _sender(grpc)
+    sender = _sender(grpc, timeout, clock)
     record = soak.Result("load", 0, 0.0)
     sender.send(record, soak.small_request(0, 64, 2), retries=retries)
     assert sender.wait_settled(5.0)
