@@ -424,6 +424,9 @@ class ProbeServer:
             alive = {stub.model for stub in python_stubs(process.pid).values()}
             dead = [m for m in models if m not in alive]
             if dead:
+                # A killed server loses its children a moment before it can be reaped: its stubs look dead first.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    return f"server {_exit_text(process.wait(timeout=1.0))}"
                 return f"probe process of {', '.join(dead)} died"
             if time.monotonic() >= deadline:
                 return None

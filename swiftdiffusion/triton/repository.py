@@ -21,7 +21,7 @@ from ..graphs import skip_count, skip_names
 from ..request import Limits
 from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, PROGRESS_OUTPUTS, REQUEST_INPUTS, TensorSpec
 from .prefetch import PREFETCHED
-from .serving import ARRIVED_AT, TEXT_INPUTS, TRANSPORTS, controlnet_inputs, text_outputs
+from .serving import ARRIVED_AT, TRANSPORTS, controlnet_inputs, text_outputs
 
 # What clients send, every input optional in the configs: Triton 2.51's ensemble answers a missing required input
 # with "unexpected deadlock ...", so the models check required fields themselves and name them ("prompt: required").
@@ -175,7 +175,7 @@ def render_configs(deployment: Deployment) -> dict[str, str]:
     prefetch_inputs = [next(spec for spec in CLIENT_INPUTS if spec.name == "lora_names"),
                        dataclasses.replace(arrived, optional=False)]
     latents = TensorSpec("latents", tensor_type, (latent_channels, -1, -1), optional=False)
-    text_inputs = [s for s in CLIENT_INPUTS if s.name in TEXT_INPUTS]
+    text_inputs = _text_step_inputs()
     limits = {"max_steps": deployment.limits.max_steps, "max_size": deployment.limits.max_size,
               "max_request_seconds": deployment.limits.max_request_seconds,
               "lora_deadline_fraction": deployment.lora_deadline_fraction}
@@ -254,11 +254,18 @@ def _step(model: str, inputs, outputs) -> str:
             + _maps("input_map", inputs) + _maps("output_map", outputs) + "    }")
 
 
+def _text_step_inputs() -> list[TensorSpec]:
+    """The ensemble's first step takes every client input but the control images, although it reads only the
+    text fields (`serving.TEXT_INPUTS`): a request with none of those (no prompt, the rest defaulted) would reach
+    the text encoder with no input at all, which Triton 2.51 answers with "request has 0 inputs" instead of our
+    "prompt: required". The control images stay out: megabytes copied for nothing."""
+    return [s for s in CLIENT_INPUTS if s.name != "controlnet_images"]
+
+
 def _ensemble(encoded: tuple[str, ...]) -> str:
     """text_encoder -> lora_prefetch -> denoiser -> vae_decoder, every tensor passed on under its own name."""
-    text_fields = [s.name for s in REQUEST_INPUTS if s.name in TEXT_INPUTS]
     steps = [
-        _step("text_encoder", text_fields, [*encoded, ARRIVED_AT]),
+        _step("text_encoder", [s.name for s in _text_step_inputs()], [*encoded, ARRIVED_AT]),
         _step("lora_prefetch", [ARRIVED_AT, "lora_names"], [PREFETCHED]),
         _step("denoiser", [*(s.name for s in REQUEST_INPUTS), *encoded, ARRIVED_AT, PREFETCHED],
               ["latents", "lora_step"]),
