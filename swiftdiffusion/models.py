@@ -9,7 +9,9 @@ ControlNet folders, checked against the model's family when loaded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -24,6 +26,22 @@ from .request import RequestDefaults
 
 # What a Triton model may load of a model: the text encoders (all of the family's), the UNet, the VAE.
 ALL_PARTS = ("text", "unet", "vae")
+
+# diffusers' and transformers' loaders patch torch for the whole process while they build a module (accelerate's
+# `init_empty_weights` replaces `nn.Module.register_parameter`, `no_init_weights` the `torch.nn.init` functions).
+# Two loads in parallel threads (ControlNet workers loading their first call's net) can restore each other's patch
+# and leave it in place for good: every module built afterwards has its parameters on the meta device. So every
+# load a serving process makes (model parts, ControlNets, the baseline model's) holds this lock.
+MODULE_LOADING = threading.Lock()
+
+
+def one_load_at_a_time(load):
+    """Runs `load` under MODULE_LOADING."""
+    @functools.wraps(load)
+    def locked(*args, **kwargs):
+        with MODULE_LOADING:
+            return load(*args, **kwargs)
+    return locked
 
 
 @dataclasses.dataclass
@@ -103,6 +121,7 @@ def request_defaults(family: ModelFamily, unet_config: dict, scale_factor: int) 
     return RequestDefaults(unet_config["sample_size"] * scale_factor, family.default_guidance)
 
 
+@one_load_at_a_time
 def load_components(path: str | Path, config: str | Path | None = None,
                     parts: tuple[str, ...] = ALL_PARTS) -> ModelComponents:
     """Reads a diffusers folder, or a single-file `.safetensors` checkpoint with a local diffusers config folder.
@@ -220,6 +239,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     return torch_engines(load_components(path, config, parts), device, dtype)
 
 
+@one_load_at_a_time
 def load_controlnet(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Engine:
     controlnet = cast(ControlNetModel.from_pretrained(path, local_files_only=True), device, dtype)
     return TorchEngine(graphs.ControlNetResiduals(controlnet), graphs.graph_specs(controlnet.config)["controlnet"])

@@ -7,6 +7,8 @@ families it gives the in-process pipeline's images and the service placement's, 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from typing import Iterator
 
@@ -142,3 +144,30 @@ def test_the_stream_runs_its_controlnets_locally_too(local):
     generation = REQUESTS["two_controlnets"]
     final = list(client.stream(generation))[-1]
     assert isinstance(final, Generated) and np.array_equal(final.image, client.generate(generation).image)
+
+
+LOADS_AT_ONCE = """
+import sys, threading, torch
+from swiftdiffusion.models import load_controlnet
+register_parameter = torch.nn.Module.register_parameter
+barrier = threading.Barrier(8)
+def load():
+    barrier.wait()
+    for _ in range(5):
+        assert not any(p.is_meta for p in load_controlnet(sys.argv[1]).module.parameters())
+threads = [threading.Thread(target=load) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+assert torch.nn.Module.register_parameter is register_parameter, torch.nn.Module.register_parameter
+assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+print("ok")
+"""
+
+
+def test_controlnets_loaded_by_parallel_workers_leave_torch_unpatched(tiny_root):
+    """Each device's worker loads its first ControlNet itself, so loads run in parallel threads: without one load
+    at a time, diffusers' loader left `register_parameter` patched and every later module on the meta device (run in
+    a process of its own, which that would spoil)."""
+    run = subprocess.run([sys.executable, "-c", LOADS_AT_ONCE, str(tiny_root / "controlnets" / "canny")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

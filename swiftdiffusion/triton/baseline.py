@@ -30,7 +30,7 @@ from ..controlnets import controlnet_folder
 from ..diffusers_baseline import call_kwargs, fused_loras, pipelines, to_uint8
 from ..lora_store import LoraSource
 from ..pipeline import scheduled
-from ..models import cast, load_components
+from ..models import MODULE_LOADING, cast, load_components
 from ..request import GenerationRequest, RequestError, validate, with_defaults
 from ..schedulers import make_scheduler
 from ..schema import IMAGE_OUTPUT, LORA_STEP_OUTPUT, request_from_tensors
@@ -90,9 +90,10 @@ class BaselineDiffusersModel(ModelBase):
 
     def controlnet(self, name: str) -> ControlNetModel:
         if name not in self.controlnets:
-            self.controlnets[name] = ControlNetModel.from_pretrained(
-                controlnet_folder(self.controlnet_root, name, self.parts.family), torch_dtype=self.dtype,
-                local_files_only=True).to(self.device)
+            with MODULE_LOADING:
+                self.controlnets[name] = ControlNetModel.from_pretrained(
+                    controlnet_folder(self.controlnet_root, name, self.parts.family), torch_dtype=self.dtype,
+                    local_files_only=True).to(self.device)
         return self.controlnets[name]
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
