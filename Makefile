@@ -10,7 +10,7 @@ CONTROLNETS ?=
 LORAS ?=
 SERVE_ARGS ?=
 
-.PHONY: setup serve demo test bench soak gpu-check tiny export perf-analyzer clean
+.PHONY: setup serve demo test bench soak gpu-check gpu-carry tiny export perf-analyzer clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,15 @@ soak: setup
 # `swiftdiffusion serve --gpu-check perf/results/triton_gpu_check/triton_gpu_check.json`.
 gpu-check: setup
 	$(PY) perf/triton_gpu_check.py --out perf/results/triton_gpu_check
+
+# What a GPU machine lacks, as wheels for its Python 3.12, in two folders that each fit one call's 64 MiB carry:
+# the tritonserver (.carry/pytriton) and diffusers with the versions of its companions we pin (.carry/hf).
+CARRY_WHEELS := $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	--platform manylinux_2_35_x86_64 --platform manylinux2014_x86_64 --platform any
+gpu-carry: setup
+	$(CARRY_WHEELS) -d .carry/pytriton nvidia-pytriton==0.7.0
+	$(CARRY_WHEELS) -d .carry/hf diffusers==0.42.1 transformers==5.24.0 tokenizers==0.23.3 huggingface_hub==2.4.0 \
+		safetensors==0.8.0 regex==2026.11.19 peft==0.21.2 fsspec==2026.9.0
 
 # Which routing policy Envoy should use over N replicas: a discrete-event simulation on the production trace's
 # statistics and the measured service times (perf/routing_sim.py, about a minute); JSON and chart.
