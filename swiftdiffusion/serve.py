@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Mapping
 from typing import Any, Mapping
 
 from .request import Limits

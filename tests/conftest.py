@@ -7,6 +7,7 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+import torch
 
 from swiftdiffusion.controlnets import ControlNetCatalog, LocalControlNets
 from swiftdiffusion.lora_store import LoraStore
@@ -30,6 +31,18 @@ def tiny_xl_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def family_roots(tiny_root, tiny_xl_root) -> dict:
     return {"sd15": tiny_root, "sdxl": tiny_xl_root}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module, as the servers' instances run it (`torch_threads=1`). With two threads
+    oneDNN splits convolution reductions differently, and in-process references came out up to 1/255 from the
+    served images; with one thread on both sides they are bit-exact. The tiny graphs gain nothing from a second
+    thread anyway."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_pipeline(root, **kwargs) -> Pipeline:

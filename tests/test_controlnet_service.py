@@ -16,22 +16,9 @@ from conftest import control_image
 from swiftdiffusion.request import ControlNetUse, GenerationRequest
 from swiftdiffusion.tiny import SIZES, build_controlnet
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.usefixtures("one_torch_thread")]
 CONTROLS = (ControlNetUse("canny", control_image(1), 1.0), ControlNetUse("depth", control_image(2), 0.6),
             ControlNetUse("pose", control_image(3), 0.8))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The server's instances run torch on one thread (`torch_threads=1`); the in-process reference must too.
-
-    With two threads oneDNN splits convolution reductions differently: images came out up to 1/255 apart,
-    whereas with one thread on both sides every mode is bit-exact (the text encoder's batching plays no part).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from swiftdiffusion.request import GenerationRequest
 from swiftdiffusion.triton.serving import BlsControlNets, controlnet_inputs, pb_tensor
 from test_fidelity import CASES
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOLERANCE = 1  # of 255
 # 0, 1 and 2 ControlNets, the two ControlNets in every mode, and CFG-parallel branches sending their own calls.
 REQUESTS = {
@@ -127,15 +129,6 @@ def served(root: Path, repository: Path, **fields) -> Iterator[tuple[Client, Pat
             client.close()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The servers' instances run torch on one thread; the in-process reference does too (test_controlnet_service)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
 def dlpack(request, family_roots, tmp_path_factory) -> Iterator[tuple[str, Client, Path]]:
     family = request.param
@@ -144,18 +137,21 @@ def dlpack(request, family_roots, tmp_path_factory) -> Iterator[tuple[str, Clien
         yield family, client, log
 
 
-def in_process(request, family: str, generation: GenerationRequest) -> np.ndarray:
-    return request.getfixturevalue("xl_pipeline" if family == "sdxl" else "pipeline").generate(generation).image
+def check_served_image(request, family: str, client: Client, generation: GenerationRequest) -> None:
+    """The served image equals the in-process pipeline's and, for SD1.5, the suite's server's (host transport,
+    service placement; SDXL's server is compared with in-process in test_sdxl_server)."""
+    image = client.generate(generation).image
+    in_process = request.getfixturevalue("xl_pipeline" if family == "sdxl" else "pipeline")
+    assert max_diff(image, in_process.generate(generation).image) <= TOLERANCE
+    if family == "sd15":
+        assert max_diff(image, request.getfixturevalue("client").generate(generation).image) <= TOLERANCE
 
 
 @pytest.mark.server
 @pytest.mark.parametrize("case", sorted(REQUESTS))
 def test_dlpack_images_equal_in_process_and_the_host_transport(request, dlpack, case):
     family, client, _ = dlpack
-    image = client.generate(REQUESTS[case]).image
-    assert max_diff(image, in_process(request, family, REQUESTS[case])) <= TOLERANCE
-    if family == "sd15":  # the suite's server: the host transport (SDXL's: test_sdxl_server, against in-process)
-        assert max_diff(image, request.getfixturevalue("client").generate(REQUESTS[case]).image) <= TOLERANCE
+    check_served_image(request, family, client, REQUESTS[case])  # the suite's server: the host transport
 
 
 @pytest.mark.server

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import max_diff
 from swiftdiffusion.client import Client, Generated
 from swiftdiffusion.controlnets import ControlNetCatalog, DeviceControlNets
 from swiftdiffusion.graphs import residual_names
 from swiftdiffusion.pipeline import Pipeline
-from test_dlpack_transport import REQUESTS, TOLERANCE, in_process, one_thread, served  # noqa: F401 (a fixture)
+from test_dlpack_transport import REQUESTS, check_served_image, served
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAMILIES = ("sd15", "sdxl")
 
@@ -123,10 +124,7 @@ def local(request, family_roots, tmp_path_factory) -> Iterator[tuple[str, Client
 @pytest.mark.parametrize("case", sorted(REQUESTS))
 def test_local_placement_images_equal_in_process_and_the_service_placement(request, local, case):
     family, client, _ = local
-    image = client.generate(REQUESTS[case]).image
-    assert max_diff(image, in_process(request, family, REQUESTS[case])) <= TOLERANCE
-    if family == "sd15":  # the suite's server: the service placement (SDXL's: test_sdxl_server, against in-process)
-        assert max_diff(image, request.getfixturevalue("client").generate(REQUESTS[case]).image) <= TOLERANCE
+    check_served_image(request, family, client, REQUESTS[case])  # the suite's server: the service placement
 
 
 @pytest.mark.server

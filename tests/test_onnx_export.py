@@ -32,17 +32,8 @@ class Exported(NamedTuple):
     manifest: dict
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny graphs gain nothing from a second torch thread; on a shared 2-core machine it only spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
-def exported(request, family_roots, tmp_path_factory, one_thread) -> Exported:
+def exported(request, family_roots, tmp_path_factory, one_torch_thread) -> Exported:
     root = family_roots[request.param]
     components = load_components(root / "model")
     controlnets = {name: root / "controlnets" / name for name in tiny.CONTROLNET_NAMES}

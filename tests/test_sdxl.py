@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_pipeline, max_diff
+from conftest import make_pipeline
 from swiftdiffusion import tiny
-from swiftdiffusion.family import SD15, SDXL, family_of
+from swiftdiffusion.family import SDXL, family_of
 from swiftdiffusion.graphs import graph_specs, residual_names
 from swiftdiffusion.lora import decode_lora, read_lora
-from swiftdiffusion.models import load_components, load_model
+from swiftdiffusion.models import load_components
 from swiftdiffusion.request import ControlNetUse, GenerationRequest, LoraUse, RequestError
 from swiftdiffusion.schedulers import find_scheduler
 from test_fidelity import CASES

@@ -24,7 +24,6 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
 from transformers.utils import logging as transformers_logging
 
-from ..catalog import resolve
 from ..conditioning import check_request
 from ..controlnets import controlnet_folder
 from ..diffusers_baseline import call_kwargs, fused_loras, pipelines, to_uint8

@@ -7,7 +7,6 @@ hand-copied between configs and a new deployment is one `Deployment(...)` away.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
