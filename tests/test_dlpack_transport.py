@@ -165,6 +165,10 @@ def test_the_server_says_it_serves_dlpack_and_the_controlnet_model_takes_gpu_inp
 @pytest.mark.server
 def test_the_stream_sends_its_controlnet_calls_by_dlpack_too(dlpack):
     _, client, _ = dlpack
-    generation = REQUESTS["two_controlnets"]
+    check_stream_equals_unary(client, REQUESTS["two_controlnets"])
+
+
+def check_stream_equals_unary(client: Client, generation: GenerationRequest) -> None:
+    """The streaming model's final image equals the unary one's bit for bit."""
     final = list(client.stream(generation))[-1]
     assert isinstance(final, Generated) and np.array_equal(final.image, client.generate(generation).image)

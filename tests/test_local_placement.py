@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from swiftdiffusion.client import Client, Generated
+from swiftdiffusion.client import Client
 from swiftdiffusion.controlnets import ControlNetCatalog, DeviceControlNets
 from swiftdiffusion.graphs import residual_names
 from swiftdiffusion.pipeline import Pipeline
-from test_dlpack_transport import REQUESTS, check_served_image, served
+from test_dlpack_transport import REQUESTS, check_served_image, check_stream_equals_unary, served
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -139,9 +139,7 @@ def test_no_controlnet_model_and_both_denoising_models_run_controlnets_on_their_
 @pytest.mark.server
 def test_the_stream_runs_its_controlnets_locally_too(local):
     _, client, _ = local
-    generation = REQUESTS["two_controlnets"]
-    final = list(client.stream(generation))[-1]
-    assert isinstance(final, Generated) and np.array_equal(final.image, client.generate(generation).image)
+    check_stream_equals_unary(client, REQUESTS["two_controlnets"])
 
 
 LOADS_AT_ONCE = """
