@@ -254,11 +254,12 @@ def _step(model: str, inputs, outputs) -> str:
 
 
 def _text_step_inputs() -> list[TensorSpec]:
-    """The ensemble's first step takes every client input but the control images, although it reads only the
-    text fields (`serving.TEXT_INPUTS`): a request with none of those (no prompt, the rest defaulted) would reach
-    the text encoder with no input at all, which Triton 2.51 answers with "request has 0 inputs" instead of our
-    "prompt: required". The control images stay out: megabytes copied for nothing."""
-    return [s for s in CLIENT_INPUTS if s.name != "controlnet_images"]
+    """The ensemble's first step takes every client input of fixed shape, although it reads only the text fields
+    (`serving.TEXT_INPUTS`): a request with none of those (no prompt, the rest defaulted) would reach the text
+    encoder with no input at all, which Triton 2.51 answers with "request has 0 inputs" instead of our
+    "prompt: required". Inputs of variable shape (LoRA and ControlNet lists, control images) stay out: requests
+    whose shapes differ are never batched together, and the control images are megabytes copied for nothing."""
+    return [s for s in CLIENT_INPUTS if -1 not in s.dims]
 
 
 def _ensemble(encoded: tuple[str, ...]) -> str:
